@@ -1,0 +1,445 @@
+//! Configuration: the main TOML file, one `.conf` file per connector kind (one TOML table per
+//! profile), and `OUTBOXD_*` / `DATABASE_URL` environment overrides.
+//!
+//! Invariants: unknown keys are rejected; every error names the file and the key; secrets are
+//! [`Secret`]s, whose `Debug` and `Display` never print the value. Relative paths in the main file
+//! are relative to the main file's directory.
+
+mod duration;
+mod secret;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use duration::Dur;
+pub use secret::{redact_url, Secret, SecretSource};
+
+use crate::connector::ConnectorConfig;
+
+/// A configuration problem, naming the file and (when known) the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}{}: {message}", key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: impl Into<String>, key: Option<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.into(),
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// The main file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MainFile {
+    database_url: Option<Secret>,
+    listen_url: Option<Secret>,
+    poll_interval: Option<Dur>,
+    batch_size: Option<usize>,
+    concurrency: Option<usize>,
+    lease: Option<Dur>,
+    grace_period: Option<Dur>,
+    db_timeout: Option<Dur>,
+    pool_size: Option<usize>,
+    log_format: Option<LogFormat>,
+    migrate_on_start: Option<bool>,
+    create_database: Option<bool>,
+    worker_id: Option<String>,
+    #[serde(default)]
+    connectors: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    routes: BTreeMap<String, String>,
+}
+
+/// The daemon's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the outbox lives (`DATABASE_URL` / `OUTBOXD_DATABASE_URL` override it).
+    pub database_url: Secret,
+    /// A direct connection for LISTEN when `database_url` goes through a transaction-pooling proxy.
+    pub listen_url: Option<Secret>,
+    /// Fallback poll: claims anything a notification missed, due retries and scheduled messages.
+    pub poll_interval: Duration,
+    /// Messages claimed per round trip.
+    pub batch_size: usize,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+    /// How long a claim is valid without a heartbeat.
+    pub lease: Duration,
+    /// On TERM/INT, how long in-flight deliveries may finish before they are handed back.
+    pub grace_period: Duration,
+    /// Upper bound of every database call.
+    pub db_timeout: Duration,
+    /// Pooled connections for ordinary queries.
+    pub pool_size: usize,
+    pub log_format: LogFormat,
+    /// Apply pending migrations when `run` starts.
+    pub migrate_on_start: bool,
+    /// Create the database when it does not exist.
+    pub create_database: bool,
+    /// Name of this daemon in leases and history (default: host-pid-random).
+    pub worker_id: Option<String>,
+    /// Connector kind → its `.conf` file.
+    pub connectors: BTreeMap<String, PathBuf>,
+    /// Agent code → connector kind, on top of the built-in routes.
+    pub routes: BTreeMap<String, String>,
+    /// The main file this came from, for messages.
+    pub source: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: Secret::new("postgres://postgres@127.0.0.1:5432/outboxd"),
+            listen_url: None,
+            poll_interval: Duration::from_secs(60),
+            batch_size: 100,
+            concurrency: 64,
+            lease: Duration::from_secs(30),
+            grace_period: Duration::from_secs(10),
+            db_timeout: Duration::from_secs(10),
+            pool_size: 8,
+            log_format: LogFormat::Human,
+            migrate_on_start: true,
+            create_database: true,
+            worker_id: None,
+            connectors: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            source: "(defaults)".into(),
+        }
+    }
+}
+
+/// Environment overrides of the main file: `OUTBOXD_<KEY>` for every scalar key.
+const ENV_KEYS: &[&str] = &[
+    "database_url",
+    "listen_url",
+    "poll_interval",
+    "batch_size",
+    "concurrency",
+    "lease",
+    "grace_period",
+    "db_timeout",
+    "pool_size",
+    "log_format",
+    "migrate_on_start",
+    "create_database",
+    "worker_id",
+];
+
+impl Config {
+    /// Reads the main file and applies the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                path.display().to_string(),
+                None,
+                format!("cannot read: {e}"),
+            )
+        })?;
+        Self::parse(&text, path, |k| std::env::var(k).ok())
+    }
+
+    /// Parses main-file text; `env` looks up environment variables (tests pass their own).
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::new(&file, None, e.to_string()))?;
+        for key in ENV_KEYS {
+            let name = format!("OUTBOXD_{}", key.to_uppercase());
+            let value = env(&name).or_else(|| {
+                (*key == "database_url")
+                    .then(|| env("DATABASE_URL"))
+                    .flatten()
+            });
+            if let Some(v) = value {
+                table.insert(key.to_string(), env_value(&v));
+            }
+        }
+        let main: MainFile =
+            deserialize_table(table).map_err(|(key, msg)| ConfigError::new(&file, key, msg))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let d = Config::default();
+        let cfg = Config {
+            database_url: main.database_url.unwrap_or(d.database_url),
+            listen_url: main.listen_url,
+            poll_interval: main.poll_interval.map_or(d.poll_interval, |x| x.0),
+            batch_size: main.batch_size.unwrap_or(d.batch_size),
+            concurrency: main.concurrency.unwrap_or(d.concurrency),
+            lease: main.lease.map_or(d.lease, |x| x.0),
+            grace_period: main.grace_period.map_or(d.grace_period, |x| x.0),
+            db_timeout: main.db_timeout.map_or(d.db_timeout, |x| x.0),
+            pool_size: main.pool_size.unwrap_or(d.pool_size),
+            log_format: main.log_format.unwrap_or_default(),
+            migrate_on_start: main.migrate_on_start.unwrap_or(d.migrate_on_start),
+            create_database: main.create_database.unwrap_or(d.create_database),
+            worker_id: main.worker_id,
+            connectors: main
+                .connectors
+                .into_iter()
+                .map(|(k, p)| (k, if p.is_absolute() { p } else { base.join(p) }))
+                .collect(),
+            routes: main.routes,
+            source: file.clone(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: &str| Err(ConfigError::new(&self.source, Some(key.into()), msg));
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return err("batch_size", "must be between 1 and 10000");
+        }
+        if self.concurrency == 0 {
+            return err("concurrency", "must be at least 1");
+        }
+        if self.pool_size < 2 {
+            return err("pool_size", "must be at least 2");
+        }
+        if self.lease < Duration::from_millis(100) {
+            return err("lease", "must be at least 100ms");
+        }
+        if self.poll_interval < Duration::from_millis(10) {
+            return err("poll_interval", "must be at least 10ms");
+        }
+        for kind in self.connectors.keys() {
+            if !crate::connector::KINDS.contains(&kind.as_str()) {
+                return Err(ConfigError::new(
+                    &self.source,
+                    Some(format!("connectors.{kind}")),
+                    format!(
+                        "unknown connector kind (known: {})",
+                        crate::connector::KINDS.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (agent, kind) in &self.routes {
+            if !crate::connector::KINDS.contains(&kind.as_str()) {
+                return Err(ConfigError::new(
+                    &self.source,
+                    Some(format!("routes.{agent}")),
+                    format!("unknown connector kind \"{kind}\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every connector's `.conf` file.
+    pub fn load_profiles(&self) -> Result<Profiles, Vec<ConfigError>> {
+        let mut profiles = Profiles::default();
+        let mut errors = Vec::new();
+        for (kind, path) in &self.connectors {
+            match load_profile_file(kind, path) {
+                Ok(list) => {
+                    for (name, p) in list {
+                        profiles.map.insert((kind.clone(), name), p);
+                    }
+                }
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(profiles)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// An environment value as TOML: integers and booleans typed, everything else a string.
+fn env_value(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = v.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(v.to_string())
+    }
+}
+
+/// Deserializes a table, reporting the path of the offending key.
+pub fn deserialize_table<T: serde::de::DeserializeOwned>(
+    table: toml::Table,
+) -> Result<T, (Option<String>, String)> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let key = (path != "." && !path.is_empty()).then_some(path);
+        (key, inner.message().to_string())
+    })
+}
+
+/// Settings every profile has, whatever its connector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileCommon {
+    /// Delays between attempts; ±20 % jitter is applied.
+    pub retry: Vec<Duration>,
+    /// Attempts before a retryable failure becomes final (default: retry delays + 1).
+    pub max_attempts: u32,
+    /// Upper bound of one delivery.
+    pub timeout: Duration,
+}
+
+impl Default for ProfileCommon {
+    fn default() -> Self {
+        let retry: Vec<Duration> = [5, 300, 1800, 7200, 18000, 36000, 36000]
+            .into_iter()
+            .map(Duration::from_secs)
+            .collect();
+        ProfileCommon {
+            max_attempts: retry.len() as u32 + 1,
+            retry,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommonKeys {
+    retry: Option<Vec<Dur>>,
+    max_attempts: Option<u32>,
+    timeout: Option<Dur>,
+}
+
+/// One profile: the common settings and the connector's own.
+#[derive(Debug, Clone)]
+pub struct ProfileConfig {
+    pub common: ProfileCommon,
+    pub connector: ConnectorConfig,
+}
+
+/// Every profile of every configured connector, keyed by (kind, profile name).
+#[derive(Debug, Clone, Default)]
+pub struct Profiles {
+    pub map: BTreeMap<(String, String), ProfileConfig>,
+}
+
+/// Parses a `<kind>.conf` file: one table per profile.
+pub fn load_profile_file(
+    kind: &str,
+    path: &Path,
+) -> Result<Vec<(String, ProfileConfig)>, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![ConfigError::new(&file, None, format!("cannot read: {e}"))])?;
+    parse_profiles(kind, &text, &file)
+}
+
+/// Parses the text of a `<kind>.conf` file.
+pub fn parse_profiles(
+    kind: &str,
+    text: &str,
+    file: &str,
+) -> Result<Vec<(String, ProfileConfig)>, Vec<ConfigError>> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| vec![ConfigError::new(file, None, e.to_string())])?;
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (name, value) in table {
+        let toml::Value::Table(mut t) = value else {
+            errors.push(ConfigError::new(
+                file,
+                Some(name.clone()),
+                "expected a table per profile, e.g. [default]",
+            ));
+            continue;
+        };
+        let mut common_table = toml::Table::new();
+        for key in ["retry", "max_attempts", "timeout"] {
+            if let Some(v) = t.remove(key) {
+                common_table.insert(key.into(), v);
+            }
+        }
+        // `timeout` is also the connector's own request timeout: hand it on.
+        if let Some(v) = common_table.get("timeout") {
+            t.insert("timeout".into(), v.clone());
+        }
+        let common: CommonKeys = match deserialize_table(common_table) {
+            Ok(c) => c,
+            Err((key, msg)) => {
+                errors.push(ConfigError::new(
+                    file,
+                    Some(format!("{name}.{}", key.unwrap_or_default())),
+                    msg,
+                ));
+                continue;
+            }
+        };
+        let mut c = ProfileCommon::default();
+        if let Some(r) = common.retry {
+            c.retry = r.into_iter().map(|d| d.0).collect();
+            c.max_attempts = c.retry.len() as u32 + 1;
+        }
+        if let Some(m) = common.max_attempts {
+            if m == 0 {
+                errors.push(ConfigError::new(
+                    file,
+                    Some(format!("{name}.max_attempts")),
+                    "must be at least 1",
+                ));
+                continue;
+            }
+            c.max_attempts = m;
+        }
+        if let Some(t) = common.timeout {
+            c.timeout = t.0;
+        }
+        let kinded = {
+            let mut t2 = toml::Table::new();
+            t2.insert("kind".into(), toml::Value::String(kind.into()));
+            t2.extend(t);
+            t2
+        };
+        match deserialize_table::<ConnectorConfig>(kinded) {
+            Ok(connector) => out.push((
+                name,
+                ProfileConfig {
+                    common: c,
+                    connector,
+                },
+            )),
+            Err((key, msg)) => errors.push(ConfigError::new(
+                file,
+                Some(match key {
+                    Some(k) => format!("{name}.{k}"),
+                    None => name.clone(),
+                }),
+                msg,
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}

@@ -1,0 +1,95 @@
+//! Secrets: values that are never printed.
+//!
+//! A [`Secret`] is written inline; a [`SecretSource`] may also come from an environment variable
+//! (`*_env`) or a file (`*_file`), so credentials stay out of configuration files.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+
+/// A value whose `Debug`/`Display` print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// Where a secret comes from: inline value, environment variable, or file (trailing newline trimmed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct SecretSource {
+    pub value: Option<Secret>,
+    pub env: Option<String>,
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl SecretSource {
+    /// Resolves the secret; `None` when no source is set. `what` names the key in errors.
+    pub fn resolve(&self, what: &str) -> Result<Option<Secret>, String> {
+        if let Some(v) = &self.value {
+            return Ok(Some(v.clone()));
+        }
+        if let Some(name) = &self.env {
+            return std::env::var(name)
+                .map(|v| Some(Secret(v)))
+                .map_err(|_| format!("{what}_env: environment variable {name} is not set"));
+        }
+        if let Some(path) = &self.file {
+            return std::fs::read_to_string(path)
+                .map(|v| Some(Secret(v.trim_end_matches(['\r', '\n']).to_string())))
+                .map_err(|e| format!("{what}_file: cannot read {}: {e}", path.display()));
+        }
+        Ok(None)
+    }
+}
+
+/// A connection URL with its password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparsable url)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_hide_the_value() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "Secret(***) ***");
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! The `file` connector: writes each delivered message as one JSON line to a spool file (or as one
+//! `<id>.json` file in a spool directory). Needs no credentials; the default configuration and the
+//! demo route `file.agent` here.
+//!
+//! Invariant: a line is written with one `write` call on a file opened for appending, so lines of
+//! concurrent deliveries never interleave.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+use super::{Connector, DeliveryError, OutboxMessage, Receipt};
+use crate::config::{ConfigError, Dur};
+
+/// A `file` profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Append JSON lines to this file (created with its directory if missing).
+    pub path: Option<PathBuf>,
+    /// Or: write one `<message id>.json` file per message into this directory.
+    pub directory: Option<PathBuf>,
+    /// Content must be JSON; it is embedded as a JSON value instead of a string. Default false.
+    #[serde(default)]
+    pub content_json: bool,
+    /// fsync after each write. Default false.
+    #[serde(default)]
+    pub fsync: bool,
+    /// Delivery timeout (common key, see conf/file.conf).
+    pub timeout: Option<Dur>,
+}
+
+pub struct FileConnector {
+    name: String,
+    target: Target,
+    content_json: bool,
+    fsync: bool,
+    lock: Mutex<()>,
+}
+
+enum Target {
+    Lines(PathBuf),
+    Directory(PathBuf),
+}
+
+impl FileConnector {
+    pub fn new(profile: &str, cfg: &FileConfig) -> Result<Self, ConfigError> {
+        let target =
+            match (&cfg.path, &cfg.directory) {
+                (Some(p), None) => Target::Lines(p.clone()),
+                (None, Some(d)) => Target::Directory(d.clone()),
+                _ => return Err(ConfigError::new(
+                    "file.conf",
+                    Some(format!("{profile}.path")),
+                    "set exactly one of `path` (JSON lines) or `directory` (one file per message)",
+                )),
+            };
+        Ok(FileConnector {
+            name: format!("file/{profile}"),
+            target,
+            content_json: cfg.content_json,
+            fsync: cfg.fsync,
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn record(&self, msg: &OutboxMessage) -> Result<serde_json::Value, DeliveryError> {
+        let content = match (&msg.content, self.content_json) {
+            (Some(c), true) => serde_json::from_str(c).map_err(|e| {
+                DeliveryError::permanent("bad-content", format!("content is not JSON: {e}"))
+            })?,
+            (c, _) => serde_json::Value::from(c.clone()),
+        };
+        Ok(serde_json::json!({
+            "id": msg.id,
+            "code": msg.code,
+            "agent": msg.agent,
+            "profile": msg.profile,
+            "address": msg.address,
+            "subject": msg.subject,
+            "content": content,
+            "attempt": msg.attempt,
+            "created": msg.created,
+            "delivered": chrono::Utc::now(),
+        }))
+    }
+}
+
+fn io_error(e: std::io::Error) -> DeliveryError {
+    DeliveryError::retry("file-io", e.to_string())
+}
+
+#[async_trait]
+impl Connector for FileConnector {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        let record = self.record(msg)?;
+        match &self.target {
+            Target::Lines(path) => {
+                let mut line = serde_json::to_vec(&record).expect("json value serializes");
+                line.push(b'\n');
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    tokio::fs::create_dir_all(dir).await.map_err(io_error)?;
+                }
+                let _guard = self.lock.lock().await;
+                let mut f = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(io_error)?;
+                let offset = f.metadata().await.map_err(io_error)?.len();
+                f.write_all(&line).await.map_err(io_error)?;
+                if self.fsync {
+                    f.sync_data().await.map_err(io_error)?;
+                }
+                f.flush().await.map_err(io_error)?;
+                Ok(Receipt {
+                    provider_id: Some(format!("{}#{offset}", path.display())),
+                    ..Receipt::default()
+                })
+            }
+            Target::Directory(dir) => {
+                tokio::fs::create_dir_all(dir).await.map_err(io_error)?;
+                let path = dir.join(format!("{}.json", msg.id));
+                let body = serde_json::to_vec_pretty(&record).expect("json value serializes");
+                tokio::fs::write(&path, body).await.map_err(io_error)?;
+                Ok(Receipt {
+                    provider_id: Some(path.display().to_string()),
+                    ..Receipt::default()
+                })
+            }
+        }
+    }
+
+    async fn healthcheck(&self) -> Result<(), DeliveryError> {
+        let dir = match &self.target {
+            Target::Lines(p) => p.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+            Target::Directory(d) => d.clone(),
+        };
+        if dir.as_os_str().is_empty() || dir.exists() {
+            return Ok(());
+        }
+        // The directory is created on first delivery; its parent must exist and be a directory.
+        match dir.ancestors().find(|a| a.exists()) {
+            Some(a) if a.is_dir() => Ok(()),
+            _ => Err(DeliveryError::permanent(
+                "file-io",
+                format!("cannot create {}", dir.display()),
+            )),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Connectors: the `Connector` trait, the message a connector sees, the typed delivery error, and
+//! the one explicit `match` that builds a connector from its configuration.
+//!
+//! Invariants: a connector never touches the database; it turns one [`OutboxMessage`] into one
+//! provider call and says how it went, as a [`Receipt`] or a [`DeliveryError`] whose variant decides
+//! retry vs failed and whose `code` is the stable string stored in `outbox.attempts.error_code`.
+//! One connector object exists per (kind, profile), so per-profile state (clients, pools, token
+//! caches) lives in the object.
+
+pub mod file;
+pub mod http;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::config::ConfigError;
+
+/// A claimed message, as the hot path returns it (`outbox.claim`).
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub id: Uuid,
+    /// Idempotency key: unique per agent; sent to providers that accept one.
+    pub code: String,
+    pub agent_type: String,
+    pub agent: String,
+    pub profile: String,
+    pub address: Option<String>,
+    pub subject: Option<String>,
+    pub content: Option<String>,
+    pub label: Option<String>,
+    /// 1 for the first delivery attempt.
+    pub attempt: i32,
+    pub max_attempts: Option<i32>,
+    pub priority: i32,
+    pub created: chrono::DateTime<chrono::Utc>,
+}
+
+impl OutboxMessage {
+    /// The content, or a `bad-content` permanent error when the message has none.
+    pub fn content_required(&self) -> Result<&str, DeliveryError> {
+        self.content
+            .as_deref()
+            .ok_or_else(|| DeliveryError::permanent("bad-content", "the message has no content"))
+    }
+
+    /// The address, or a `bad-address` permanent error when the message has none.
+    pub fn address_required(&self) -> Result<&str, DeliveryError> {
+        match self.address.as_deref() {
+            Some(a) if !a.trim().is_empty() => Ok(a),
+            _ => Err(DeliveryError::permanent(
+                "bad-address",
+                "the message has no address",
+            )),
+        }
+    }
+}
+
+/// What a successful delivery produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Receipt {
+    /// The provider's id for the message (FCM `name`, SMTP queue id, HTTP `id`…).
+    pub provider_id: Option<String>,
+    /// HTTP status or SMTP reply code.
+    pub remote_status: Option<i32>,
+    /// A reply to store as an inbox message whose parent is the outbox message.
+    pub reply: Option<String>,
+}
+
+/// Why a delivery did not succeed. The variant decides what happens next; `code` is a stable
+/// kebab-case string (`http-503`, `smtp-4xx`, `token-invalid`, `bad-content`, `unknown-profile`…).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Transient: back to prepared, due after the profile's next retry delay (or `retry_after`).
+    #[error("{code}: {reason}")]
+    Retry {
+        code: String,
+        reason: String,
+        retry_after: Option<Duration>,
+        remote_status: Option<i32>,
+    },
+    /// Final: the message goes to failed at once.
+    #[error("{code}: {reason}")]
+    Permanent {
+        code: String,
+        reason: String,
+        remote_status: Option<i32>,
+    },
+}
+
+impl DeliveryError {
+    pub fn retry(code: impl Into<String>, reason: impl Into<String>) -> Self {
+        DeliveryError::Retry {
+            code: code.into(),
+            reason: reason.into(),
+            retry_after: None,
+            remote_status: None,
+        }
+    }
+
+    pub fn permanent(code: impl Into<String>, reason: impl Into<String>) -> Self {
+        DeliveryError::Permanent {
+            code: code.into(),
+            reason: reason.into(),
+            remote_status: None,
+        }
+    }
+
+    /// Sets the remote status (HTTP status, SMTP reply code).
+    pub fn with_status(mut self, status: impl Into<i32>) -> Self {
+        let s = Some(status.into());
+        match &mut self {
+            DeliveryError::Retry { remote_status, .. } => *remote_status = s,
+            DeliveryError::Permanent { remote_status, .. } => *remote_status = s,
+        }
+        self
+    }
+
+    /// Sets the provider's hint for the next attempt (Retry only).
+    pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
+        if let DeliveryError::Retry { retry_after, .. } = &mut self {
+            *retry_after = after;
+        }
+        self
+    }
+
+    pub fn code(&self) -> &str {
+        match self {
+            DeliveryError::Retry { code, .. } | DeliveryError::Permanent { code, .. } => code,
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            DeliveryError::Retry { reason, .. } | DeliveryError::Permanent { reason, .. } => reason,
+        }
+    }
+
+    pub fn remote_status(&self) -> Option<i32> {
+        match self {
+            DeliveryError::Retry { remote_status, .. }
+            | DeliveryError::Permanent { remote_status, .. } => *remote_status,
+        }
+    }
+
+    pub fn is_retry(&self) -> bool {
+        matches!(self, DeliveryError::Retry { .. })
+    }
+}
+
+/// A delivery channel for one profile.
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// `<kind>/<profile>`, for logs.
+    fn name(&self) -> &str;
+    async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError>;
+    /// Cheap self-check run by `check-config` (must not send anything).
+    async fn healthcheck(&self) -> Result<(), DeliveryError> {
+        Ok(())
+    }
+}
+
+/// The configuration of one profile of one connector kind. The kind comes from the name the main
+/// configuration gives the connector's `.conf` file (`[connectors] http = "http.conf"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ConnectorConfig {
+    File(file::FileConfig),
+    Http(http::HttpConfig),
+}
+
+/// Connector kinds outboxd knows, as written in `[connectors]`.
+pub const KINDS: &[&str] = &["file", "http"];
+
+impl ConnectorConfig {
+    /// Parses one profile table of a `<kind>.conf` file.
+    pub fn from_table(kind: &str, table: toml::Table) -> Result<Self, String> {
+        let value = toml::Value::Table(table);
+        match kind {
+            "file" => value.try_into().map(ConnectorConfig::File),
+            "http" => value.try_into().map(ConnectorConfig::Http),
+            other => {
+                return Err(format!(
+                    "unknown connector kind \"{other}\" (known: {})",
+                    KINDS.join(", ")
+                ))
+            }
+        }
+        .map_err(|e: toml::de::Error| e.message().to_string())
+    }
+
+    /// Builds the connector. This is the one place that knows every kind.
+    pub fn build(&self, profile: &str) -> Result<std::sync::Arc<dyn Connector>, ConfigError> {
+        Ok(match self {
+            ConnectorConfig::File(c) => std::sync::Arc::new(file::FileConnector::new(profile, c)?),
+            ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
+        })
+    }
+}

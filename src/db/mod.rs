@@ -1,0 +1,247 @@
+//! Database access: the connection pool, database creation, migrations, and the outbox queries of
+//! the daemon's hot path and of the CLI.
+//!
+//! Invariants: every call is bounded by `db_timeout`; the hot path is one round trip per batch
+//! (`outbox.claim`, `outbox.extend_leases`, `outbox.record_outcomes`, `outbox.reclaim_expired`,
+//! `outbox.release`), through statements prepared once per pooled connection.
+
+pub mod listener;
+pub mod migrate;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use crate::connector::OutboxMessage;
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database call timed out after {0:?}: {1}")]
+    Timeout(Duration, &'static str),
+    #[error("database configuration: {0}")]
+    Config(String),
+}
+
+impl DbError {
+    /// The SQLSTATE or, for outbox errors, the `ERR-…` code at the start of the message.
+    pub fn code(&self) -> Option<String> {
+        match self {
+            DbError::Query(e) => e.as_db_error().map(|d| {
+                d.message()
+                    .split_once(':')
+                    .filter(|(c, _)| c.starts_with("ERR-"))
+                    .map(|(c, _)| c.to_string())
+                    .unwrap_or_else(|| d.code().code().to_string())
+            }),
+            _ => None,
+        }
+    }
+
+    /// The server's message, when there is one.
+    pub fn db_message(&self) -> String {
+        match self {
+            DbError::Query(e) => e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string()),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// One delivery outcome, as `outbox.record_outcomes` takes it.
+#[derive(Debug, Clone)]
+pub struct OutcomeRow {
+    pub id: Uuid,
+    /// `done`, `retry` or `failed`.
+    pub outcome: &'static str,
+    pub error_code: Option<String>,
+    pub error_text: Option<String>,
+    pub remote_status: Option<i32>,
+    pub provider_id: Option<String>,
+    pub duration_ms: i32,
+    pub retry_delay_ms: Option<i32>,
+    pub reply: Option<String>,
+}
+
+/// The pool and the timeout every call obeys.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    timeout: Duration,
+}
+
+const CLAIM: &str = "SELECT id, code, agenttypecode, agentcode, profile, address, subject, content, \
+                     label, attempts, max_attempts, priority, created FROM outbox.claim($1, $2, $3)";
+const RECORD: &str =
+    "SELECT count(*) FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+impl Db {
+    /// Builds a pool (connections are opened lazily).
+    pub fn connect(url: &str, pool_size: usize, timeout: Duration) -> Result<Db, DbError> {
+        let mut pg =
+            tokio_postgres::Config::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
+        if pg.get_application_name().is_none() {
+            pg.application_name("outboxd");
+        }
+        pg.connect_timeout(timeout);
+        pg.keepalives(true);
+        let mgr = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(pool_size)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+        Ok(Db { pool, timeout })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Runs `f` under the call timeout.
+    pub async fn timed<T>(
+        &self,
+        what: &'static str,
+        f: impl Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .map_err(|_| DbError::Timeout(self.timeout, what))?
+    }
+
+    /// Claims up to `limit` due messages for `worker`, moving them to `sending` under a lease.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMessage>, DbError> {
+        self.timed("claim", async {
+            let c = self.pool.get().await?;
+            let st = c.prepare_cached(CLAIM).await?;
+            let rows = c
+                .query(
+                    &st,
+                    &[&worker, &(limit as i32), &(lease.as_millis() as i32)],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| OutboxMessage {
+                    id: r.get(0),
+                    code: r.get(1),
+                    agent_type: r.get(2),
+                    agent: r.get(3),
+                    profile: r.get(4),
+                    address: r.get(5),
+                    subject: r.get(6),
+                    content: r.get(7),
+                    label: r.get(8),
+                    attempt: r.get(9),
+                    max_attempts: r.get(10),
+                    priority: r.get(11),
+                    created: r.get(12),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Extends the leases `worker` holds on `ids`; returns how many it still holds.
+    pub async fn extend_leases(
+        &self,
+        worker: &str,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> Result<i32, DbError> {
+        self.timed("extend_leases", async {
+            let c = self.pool.get().await?;
+            let st = c
+                .prepare_cached("SELECT outbox.extend_leases($1, $2, $3)")
+                .await?;
+            let row = c
+                .query_one(&st, &[&worker, &ids, &(lease.as_millis() as i32)])
+                .await?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
+    /// Records a batch of outcomes in one round trip; returns how many messages changed state.
+    pub async fn record_outcomes(&self, worker: &str, rows: &[OutcomeRow]) -> Result<i64, DbError> {
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome).collect();
+        let codes: Vec<Option<&str>> = rows.iter().map(|r| r.error_code.as_deref()).collect();
+        let texts: Vec<Option<&str>> = rows.iter().map(|r| r.error_text.as_deref()).collect();
+        let statuses: Vec<Option<i32>> = rows.iter().map(|r| r.remote_status).collect();
+        let providers: Vec<Option<&str>> = rows.iter().map(|r| r.provider_id.as_deref()).collect();
+        let durations: Vec<i32> = rows.iter().map(|r| r.duration_ms).collect();
+        let delays: Vec<Option<i32>> = rows.iter().map(|r| r.retry_delay_ms).collect();
+        let replies: Vec<Option<&str>> = rows.iter().map(|r| r.reply.as_deref()).collect();
+        self.timed("record_outcomes", async {
+            let c = self.pool.get().await?;
+            let st = c.prepare_cached(RECORD).await?;
+            let row = c
+                .query_one(
+                    &st,
+                    &[
+                        &worker, &ids, &outcomes, &codes, &texts, &statuses, &providers,
+                        &durations, &delays, &replies,
+                    ],
+                )
+                .await?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
+    /// Moves messages whose lease expired back to prepared; returns how many.
+    pub async fn reclaim_expired(&self, worker: &str) -> Result<i32, DbError> {
+        self.timed("reclaim_expired", async {
+            let c = self.pool.get().await?;
+            let st = c
+                .prepare_cached("SELECT outbox.reclaim_expired($1)")
+                .await?;
+            Ok(c.query_one(&st, &[&worker]).await?.get(0))
+        })
+        .await
+    }
+
+    /// Hands messages back as prepared (shutdown), due after `delay`.
+    pub async fn release(
+        &self,
+        worker: &str,
+        ids: &[Uuid],
+        delay: Duration,
+    ) -> Result<i32, DbError> {
+        self.timed("release", async {
+            let c = self.pool.get().await?;
+            let row = c
+                .query_one(
+                    "SELECT outbox.release($1, $2, $3)",
+                    &[&worker, &ids, &(delay.as_millis() as i32)],
+                )
+                .await?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+}

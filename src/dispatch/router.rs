@@ -1,0 +1,115 @@
+//! Routing: (agent type code, agent code) → connector kind → the connector of the message's
+//! profile.
+//!
+//! Built-in routes follow Apostol's MessageServer: `email.agent`/`smtp.agent` → smtp,
+//! `api.agent`/`fcm.agent` → fcm, `m2m.agent` → m2m, `sba.agent` → sba, any other `api.agent` →
+//! the generic http connector, `system.agent`/`file.agent` → file. `[routes]` in the main file adds
+//! or overrides routes by agent code.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::config::{ConfigError, ProfileCommon, Profiles};
+use crate::connector::{Connector, DeliveryError, OutboxMessage};
+
+/// The built-in route of an agent, if any.
+pub fn builtin_route(agent_type: &str, agent: &str) -> Option<&'static str> {
+    match (agent_type, agent) {
+        ("email.agent", "smtp.agent") => Some("smtp"),
+        ("api.agent", "fcm.agent") => Some("fcm"),
+        ("api.agent", "m2m.agent") => Some("m2m"),
+        ("api.agent", "sba.agent") => Some("sba"),
+        ("api.agent", _) => Some("http"),
+        ("system.agent", "file.agent") => Some("file"),
+        _ => None,
+    }
+}
+
+/// A connector ready for one profile, with the profile's common settings.
+#[derive(Clone)]
+pub struct Route {
+    pub connector: Arc<dyn Connector>,
+    pub common: ProfileCommon,
+}
+
+/// Every built connector, by kind and profile.
+pub struct Router {
+    routes: BTreeMap<String, String>,
+    by_kind: HashMap<String, HashMap<String, Route>>,
+}
+
+impl Router {
+    /// Builds every profile's connector; collects every problem instead of stopping at the first.
+    pub fn build(
+        routes: &BTreeMap<String, String>,
+        profiles: &Profiles,
+    ) -> Result<Router, Vec<ConfigError>> {
+        let mut by_kind: HashMap<String, HashMap<String, Route>> = HashMap::new();
+        let mut errors = Vec::new();
+        for ((kind, name), p) in &profiles.map {
+            match p.connector.build(name) {
+                Ok(connector) => {
+                    by_kind.entry(kind.clone()).or_default().insert(
+                        name.clone(),
+                        Route {
+                            connector,
+                            common: p.common.clone(),
+                        },
+                    );
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Router {
+            routes: routes.clone(),
+            by_kind,
+        })
+    }
+
+    /// Every built connector, for health checks.
+    pub fn all(&self) -> impl Iterator<Item = &Route> {
+        self.by_kind.values().flat_map(|m| m.values())
+    }
+
+    /// The connector for a message, or the permanent error that explains why there is none.
+    pub fn resolve(&self, msg: &OutboxMessage) -> Result<&Route, DeliveryError> {
+        let kind = self
+            .routes
+            .get(&msg.agent)
+            .map(String::as_str)
+            .or_else(|| builtin_route(&msg.agent_type, &msg.agent))
+            .ok_or_else(|| {
+                DeliveryError::permanent(
+                    "unknown-agent",
+                    format!(
+                        "no connector handles agent {}/{} (add a route in [routes])",
+                        msg.agent_type, msg.agent
+                    ),
+                )
+            })?;
+        let profiles = self.by_kind.get(kind).ok_or_else(|| {
+            DeliveryError::permanent(
+                "connector-not-configured",
+                format!(
+                    "agent {} routes to the {kind} connector, which has no configuration file",
+                    msg.agent
+                ),
+            )
+        })?;
+        profiles.get(&msg.profile).ok_or_else(|| {
+            let mut known: Vec<&str> = profiles.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            DeliveryError::permanent(
+                "unknown-profile",
+                format!(
+                    "{kind} has no profile \"{}\" (configured: {})",
+                    msg.profile,
+                    known.join(", ")
+                ),
+            )
+        })
+    }
+}

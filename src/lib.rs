@@ -1,0 +1,17 @@
+//! outboxd delivers messages that applications write into a PostgreSQL outbox.
+//!
+//! Module map (the data path): [`config`] (files, env, validation, redaction) → [`db`] (pool,
+//! listener, migrations, outbox queries) → [`dispatch`] (claim loop, routing, retry schedule, lease
+//! heartbeat) → [`connector`] (the trait and one file per connector). [`ops`] holds the operator
+//! commands, [`telemetry`] the logging setup, [`shutdown`] the signals.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod connector;
+pub mod db;
+pub mod dispatch;
+pub mod ops;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use dispatch::{run, Controls, RunReport};
