@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod http;
+pub mod token;
 
 use std::time::Duration;
 
