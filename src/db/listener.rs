@@ -27,6 +27,7 @@ pub async fn run(
             r = listen_once(&url, connect_timeout, &wake, &mut backoff) => r,
         };
         if let Err(e) = outcome {
+            let e = crate::db::DbError::from(e);
             tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost; polling covers the gap");
         }
         // Whatever happened, the claim loop should look again.

@@ -21,7 +21,7 @@ use crate::connector::OutboxMessage;
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -29,6 +29,14 @@ pub enum DbError {
     Timeout(Duration, &'static str),
     #[error("database configuration: {0}")]
     Config(String),
+}
+
+/// tokio-postgres prints only "db error" for server errors: show the server's message.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
 }
 
 impl DbError {

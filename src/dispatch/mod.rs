@@ -167,6 +167,7 @@ pub async fn run(
         shared.clone(),
         done_rx,
         cfg.batch_size.max(500),
+        wake.clone(),
     ));
     let recorder = tokio_util::task::AbortOnDropHandle::new(recorder);
 
@@ -405,7 +406,15 @@ pub fn outcome_row(
 }
 
 /// Writes outcomes in batches: everything that has accumulated, one round trip.
-async fn record_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<OutcomeRow>, max: usize) {
+///
+/// A retry this daemon scheduled wakes the claim loop when it falls due, so retries do not wait for
+/// the next poll (other daemons find it by polling).
+async fn record_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<OutcomeRow>,
+    max: usize,
+    wake: Arc<Notify>,
+) {
     let mut batch = Vec::with_capacity(max);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -425,6 +434,13 @@ async fn record_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outcom
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+        if let Some(ms) = batch.iter().filter_map(|r| r.retry_delay_ms).min() {
+            let wake = wake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms.max(0) as u64 + 1)).await;
+                wake.notify_one();
+            });
         }
         {
             let mut inflight = shared.inflight.lock().unwrap();

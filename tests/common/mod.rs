@@ -140,6 +140,9 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(cfg: Config) -> Daemon {
+        if let Err(errors) = outboxd::dispatch::build_router(&cfg) {
+            panic!("test configuration is invalid: {errors:?}");
+        }
         let stop = CancellationToken::new();
         let controls = Controls::default();
         let s = stop.clone();
@@ -359,8 +362,16 @@ impl Receiver {
 }
 
 /// An http.conf with one `default` profile pointing at `url`, and fast retries.
+/// `extra` may set its own `timeout` (default 2s).
 pub fn http_conf(url: &str, extra: &str) -> String {
-    format!("[default]\nurl = \"{url}\"\nretry = [\"20ms\", \"20ms\", \"20ms\"]\ntimeout = \"2s\"\n{extra}\n")
+    let timeout = if extra.contains("timeout") {
+        ""
+    } else {
+        "timeout = \"2s\"\n"
+    };
+    format!(
+        "[default]\nurl = \"{url}\"\nretry = [\"20ms\", \"20ms\", \"20ms\"]\n{timeout}{extra}\n"
+    )
 }
 
 pub fn path_str(p: &Path) -> String {

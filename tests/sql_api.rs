@@ -1,0 +1,508 @@
+//! The SQL surface against a real PostgreSQL: the state machine (every allowed and forbidden
+//! transition), history, NOTIFY, idempotent send, Apostol's return shapes, and the hot path.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::Value;
+use uuid::Uuid;
+
+const STATES: &[&str] = &[
+    "created",
+    "prepared",
+    "sending",
+    "submitted",
+    "failed",
+    "deleted",
+];
+const ACTIONS: &[&str] = &[
+    "submit", "send", "done", "fail", "cancel", "repeat", "delete", "restore",
+];
+
+/// The state machine of the issue, exactly.
+fn allowed(state: &str, action: &str) -> Option<&'static str> {
+    Some(match (state, action) {
+        ("created", "submit") => "prepared",
+        ("created", "delete") => "deleted",
+        ("prepared", "send") => "sending",
+        ("prepared", "done") => "submitted",
+        ("prepared", "fail") => "failed",
+        ("prepared", "cancel") => "created",
+        ("sending", "done") => "submitted",
+        ("sending", "fail") => "failed",
+        ("sending", "delete") => "deleted",
+        ("submitted", "repeat") => "prepared",
+        ("submitted", "delete") => "deleted",
+        ("failed", "repeat") => "prepared",
+        ("failed", "delete") => "deleted",
+        ("deleted", "restore") => "created",
+        _ => return None,
+    })
+}
+
+async fn act(c: &tokio_postgres::Client, id: Uuid, action: &str) -> Result<Value, String> {
+    c.query_one("SELECT api.execute_object_action($1, $2)", &[&id, &action])
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| {
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or(e.to_string())
+        })
+}
+
+/// A message driven into `state` through allowed actions.
+async fn message_in(c: &tokio_postgres::Client, state: &str) -> Uuid {
+    let id: Uuid = c
+        .query_one(
+            "SELECT api.add_outbox(NULL, 'file.agent'::text, NULL, 'default', 'a@b', 's', 'c')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let path: &[&str] = match state {
+        "created" => &[],
+        "prepared" => &["submit"],
+        "sending" => &["submit", "send"],
+        "submitted" => &["submit", "send", "done"],
+        "failed" => &["submit", "send", "fail"],
+        "deleted" => &["delete"],
+        _ => unreachable!(),
+    };
+    for a in path {
+        act(c, id, a).await.unwrap();
+    }
+    assert_eq!(state_of(c, id).await, state);
+    id
+}
+
+#[tokio::test]
+async fn every_allowed_and_forbidden_transition() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let mut checked = 0;
+    for state in STATES {
+        for action in ACTIONS {
+            let id = message_in(&c, state).await;
+            let r = act(&c, id, action).await;
+            match allowed(state, action) {
+                Some(to) => {
+                    let v = r.unwrap_or_else(|e| panic!("{state} --{action}--> should work: {e}"));
+                    assert_eq!(v["newstate"]["code"], *to, "{state} --{action}-->");
+                    assert_eq!(v["action"]["code"], *action);
+                    assert_eq!(v["object"], id.to_string());
+                    assert!(v["method"].is_string() && v["newstate"]["id"].is_string());
+                    assert_eq!(state_of(&c, id).await, to);
+                    let h = c
+                        .query_one(
+                            "SELECT old_state, new_state, action, changed_by FROM api.message_history \
+                             WHERE message_id = $1 ORDER BY changed_at DESC, old_state IS NULL LIMIT 1",
+                            &[&id],
+                        )
+                        .await
+                        .unwrap();
+                    let (old, new, a, by): (Option<String>, String, String, String) =
+                        (h.get(0), h.get(1), h.get(2), h.get(3));
+                    assert_eq!(
+                        (old.as_deref(), new.as_str(), a.as_str()),
+                        (Some(*state), to, *action)
+                    );
+                    assert_eq!(by, "postgres");
+                }
+                None => {
+                    let e = r.expect_err(&format!("{state} --{action}--> must be refused"));
+                    assert!(e.starts_with("ERR-400-032"), "{state} --{action}-->: {e}");
+                    assert!(
+                        e.contains(state) && e.contains(action),
+                        "error names state and action: {e}"
+                    );
+                    assert_eq!(state_of(&c, id).await, *state, "state unchanged");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, STATES.len() * ACTIONS.len());
+}
+
+#[tokio::test]
+async fn unknown_and_internal_actions_are_refused_with_their_own_code() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let id = message_in(&c, "sending").await;
+    for a in ["bogus", "retry", "reclaim", "release"] {
+        let e = act(&c, id, a).await.unwrap_err();
+        assert!(e.starts_with("ERR-400-029"), "{a}: {e}");
+    }
+    let e = act(&c, Uuid::new_v4(), "submit").await.unwrap_err();
+    assert!(e.starts_with("ERR-400-030"), "{e}");
+    // A raw UPDATE that skips the machine is refused by the trigger, too.
+    let created = message_in(&c, "created").await;
+    let e = c
+        .execute(
+            "UPDATE outbox.messages SET state = 'submitted' WHERE id = $1",
+            &[&created],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .message()
+            .starts_with("ERR-400-032"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn send_message_is_idempotent_per_agent_and_code() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let q = "SELECT api.send_message(NULL, $1::text, 'default', 'a@b', 's', $2, pCode => $3)";
+    let a: Uuid = c
+        .query_one(q, &[&"file.agent", &"one", &"order-42"])
+        .await
+        .unwrap()
+        .get(0);
+    let b: Uuid = c
+        .query_one(q, &[&"file.agent", &"two", &"order-42"])
+        .await
+        .unwrap()
+        .get(0);
+    let other: Uuid = c
+        .query_one(q, &[&"http.agent", &"{}", &"order-42"])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(a, b, "same agent and code: the existing message");
+    assert_ne!(a, other, "the code is unique per agent only");
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.messages WHERE code = 'order-42'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let content: String = c
+        .query_one("SELECT content FROM api.get_service_message($1)", &[&a])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(content, "one", "the duplicate did not overwrite the first");
+    // Without a code: a random 64-hex code each time.
+    let r: Uuid = c
+        .query_one(
+            "SELECT api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let code: String = c
+        .query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&r])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        code.len() == 64 && code.chars().all(|ch| ch.is_ascii_hexdigit()),
+        "{code}"
+    );
+}
+
+#[tokio::test]
+async fn service_message_has_apostol_columns_and_outbox_orders_by_priority_then_age() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let agent: Uuid = c
+        .query_one(
+            "SELECT id FROM outbox.agents WHERE code = 'smtp.agent'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Apostol's signature with a uuid agent, and the label/description defaults.
+    let low: Uuid = c
+        .query_one(
+            "SELECT api.send_message(NULL, $1::uuid, 'noreply@example.com', 'to@example.com', 'Hi', 'Body')",
+            &[&agent],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let high: Uuid = c
+        .query_one(
+            "SELECT api.send_message(NULL, 'smtp.agent', 'p', 'to', 'Hi', 'Body', pPriority => 5)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let rows = c
+        .query("SELECT id FROM api.outbox('prepared')", &[])
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![high, low]);
+    let r = c
+        .query_one(
+            "SELECT id, object, agenttypecode, agentcode, statecode, statetypecode, profile, address, \
+                    subject, content, code, label, created, priority FROM api.get_service_message($1)",
+            &[&low],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, Uuid>("object"), low);
+    assert_eq!(r.get::<_, String>("agenttypecode"), "email.agent");
+    assert_eq!(r.get::<_, String>("agentcode"), "smtp.agent");
+    assert_eq!(r.get::<_, String>("statecode"), "prepared");
+    assert_eq!(r.get::<_, String>("statetypecode"), "enabled");
+    assert_eq!(r.get::<_, String>("profile"), "noreply@example.com");
+    // set_object_label reports instead of raising.
+    let l = c
+        .query_one(
+            "SELECT id, result, message FROM api.set_object_label($1, 'L1')",
+            &[&low],
+        )
+        .await
+        .unwrap();
+    assert!(l.get::<_, bool>(1));
+    let missing = c
+        .query_one(
+            "SELECT result, message FROM api.set_object_label($1, 'x')",
+            &[&Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    assert!(!missing.get::<_, bool>(0));
+    assert!(missing.get::<_, String>(1).starts_with("ERR-400-030"));
+    // add_inbox stores a reply under its outbox message.
+    let inbox: Uuid = c
+        .query_one(
+            "SELECT api.add_inbox($1, 'smtp.agent'::text, NULL, 'p', 'from', 'Re: Hi', 'reply')",
+            &[&low],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let p = c
+        .query_one(
+            "SELECT parent, classcode FROM api.service_message WHERE id = $1",
+            &[&inbox],
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.get::<_, Uuid>(0), low);
+    assert_eq!(p.get::<_, String>(1), "inbox");
+    // An unknown agent is a clear error.
+    let e = c
+        .query_one(
+            "SELECT api.send_message(NULL, 'nope.agent', 'p', 'a', 's', 'c')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .message()
+            .starts_with("ERR-400-031"),
+        "{e}"
+    );
+}
+
+/// A LISTEN connection collecting `outbox` payloads.
+async fn listener(
+    db: &TestDb,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut s = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = s.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client.batch_execute("LISTEN outbox").await.unwrap();
+    (client, rx)
+}
+
+#[tokio::test]
+async fn notify_carries_the_bare_uuid_on_submit_and_repeat_only() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let (_l, mut rx) = listener(&db).await;
+    let id = message_in(&c, "prepared").await; // create (no notify) + submit (notify)
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, id.to_string());
+    act(&c, id, "send").await.unwrap();
+    act(&c, id, "fail").await.unwrap();
+    act(&c, id, "repeat").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got,
+        id.to_string(),
+        "send and fail do not notify; repeat does"
+    );
+    // A bulk insert of prepared messages sends one notification, not one per row.
+    c.batch_execute(
+        "INSERT INTO outbox.messages (agent_id, content, state) \
+         SELECT (SELECT id FROM outbox.agents WHERE code = 'file.agent'), 'x', 'prepared' \
+           FROM generate_series(1, 1000)",
+    )
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(Uuid::parse_str(&first).is_ok());
+    // Flush: a marker notification proves nothing else was queued before it.
+    let marker = message_in(&c, "prepared").await;
+    let next = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        next,
+        marker.to_string(),
+        "exactly one notification for the bulk insert"
+    );
+}
+
+#[tokio::test]
+async fn hot_path_claims_skip_locked_and_ignores_stale_outcomes() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    for _ in 0..10 {
+        message_in(&c, "prepared").await;
+    }
+    // A message scheduled for later is not due.
+    let later: Uuid = c
+        .query_one(
+            "SELECT api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c', pSendAt => now() + interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Two workers claim concurrently inside open transactions: no overlap.
+    let c2 = db.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c2.batch_execute("BEGIN").await.unwrap();
+    let a: Vec<Uuid> = c
+        .query("SELECT id FROM outbox.claim('w1', 6, 60000)", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let b: Vec<Uuid> = c2
+        .query("SELECT id FROM outbox.claim('w2', 6, 60000)", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    c.batch_execute("COMMIT").await.unwrap();
+    c2.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(a.len(), 6);
+    assert_eq!(
+        b.len(),
+        4,
+        "SKIP LOCKED: the second worker gets the rest, not the scheduled one"
+    );
+    assert!(a.iter().all(|x| !b.contains(x)));
+    assert!(!a.contains(&later) && !b.contains(&later));
+    // w2 reports an outcome for a message w1 holds: recorded as an attempt, no state change.
+    let stolen = a[0];
+    let changed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.record_outcomes('w2', ARRAY[$1::uuid], ARRAY['done'], ARRAY[NULL], \
+             ARRAY[NULL], ARRAY[200], ARRAY['p'], ARRAY[1], ARRAY[NULL::int], ARRAY[NULL])",
+            &[&stolen],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(changed, 0);
+    assert_eq!(state_of(&c, stolen).await, "sending");
+    // Leases: extend only what you hold; expired ones are reclaimed as interrupted attempts.
+    let held: i32 = c
+        .query_one("SELECT outbox.extend_leases('w1', $1, 1)", &[&a])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 6);
+    wait_for(Duration::from_secs(5), "reclaim", || async {
+        let n: i32 = c
+            .query_one("SELECT outbox.reclaim_expired('w3')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(state_of(&c, stolen).await, "prepared");
+    let r = c
+        .query_one(
+            "SELECT m.attempts, t.outcome, t.error_code, t.worker FROM outbox.messages m \
+             JOIN outbox.attempts t ON t.message_id = m.id WHERE m.id = $1 AND t.outcome = 'interrupted'",
+            &[&stolen],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.get::<_, i32>(0),
+        0,
+        "an interrupted attempt does not count"
+    );
+    assert_eq!(r.get::<_, String>(2), "lease-expired");
+    assert_eq!(r.get::<_, String>(3), "w1");
+    let actions: Vec<String> = c
+        .query(
+            "SELECT action FROM outbox.history WHERE message_id = $1 ORDER BY id",
+            &[&stolen],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(actions, ["create", "submit", "send", "reclaim"]);
+}
+
+#[tokio::test]
+async fn migrations_apply_once() {
+    let db = TestDb::new().await;
+    let again = outboxd::db::migrate::prepare_database(&db.url, false)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "already applied: {again:?}");
+    let c = db.client().await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM outbox.schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, outboxd::db::migrate::MIGRATIONS.len());
+}
