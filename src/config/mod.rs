@@ -251,25 +251,18 @@ impl Config {
         Ok(())
     }
 
-    /// Reads every connector's `.conf` file.
-    pub fn load_profiles(&self) -> Result<Profiles, Vec<ConfigError>> {
+    /// Reads every connector's `.conf` file: the profiles that parse, and every problem found.
+    pub fn load_profiles(&self) -> (Profiles, Vec<ConfigError>) {
         let mut profiles = Profiles::default();
         let mut errors = Vec::new();
         for (kind, path) in &self.connectors {
-            match load_profile_file(kind, path) {
-                Ok(list) => {
-                    for (name, p) in list {
-                        profiles.map.insert((kind.clone(), name), p);
-                    }
-                }
-                Err(mut e) => errors.append(&mut e),
+            let (list, mut e) = load_profile_file(kind, path);
+            errors.append(&mut e);
+            for (name, p) in list {
+                profiles.map.insert((kind.clone(), name), p);
             }
         }
-        if errors.is_empty() {
-            Ok(profiles)
-        } else {
-            Err(errors)
-        }
+        (profiles, errors)
     }
 }
 
@@ -290,9 +283,19 @@ pub fn deserialize_table<T: serde::de::DeserializeOwned>(
 ) -> Result<T, (Option<String>, String)> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        let key = (path != "." && !path.is_empty()).then_some(path);
-        (key, inner.message().to_string())
+        let message = e.into_inner().message().to_string();
+        let mut key = (path != "." && !path.is_empty()).then_some(path);
+        // serde reports an unknown field at its parent's path: name the field itself.
+        if let Some(field) = message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            key = Some(match key {
+                Some(k) => format!("{k}.{field}"),
+                None => field.to_string(),
+            });
+        }
+        (key, message)
     })
 }
 
@@ -334,6 +337,8 @@ struct CommonKeys {
 pub struct ProfileConfig {
     pub common: ProfileCommon,
     pub connector: ConnectorConfig,
+    /// The file it came from, for error messages.
+    pub source: String,
 }
 
 /// Every profile of every configured connector, keyed by (kind, profile name).
@@ -342,26 +347,49 @@ pub struct Profiles {
     pub map: BTreeMap<(String, String), ProfileConfig>,
 }
 
-/// Parses a `<kind>.conf` file: one table per profile.
+/// Parses a `<kind>.conf` file: one table per profile. Returns the profiles that parse and every
+/// problem found.
 pub fn load_profile_file(
     kind: &str,
     path: &Path,
-) -> Result<Vec<(String, ProfileConfig)>, Vec<ConfigError>> {
+) -> (Vec<(String, ProfileConfig)>, Vec<ConfigError>) {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![ConfigError::new(&file, None, format!("cannot read: {e}"))])?;
-    parse_profiles(kind, &text, &file)
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_profiles_partial(kind, &text, &file),
+        Err(e) => (
+            Vec::new(),
+            vec![ConfigError::new(&file, None, format!("cannot read: {e}"))],
+        ),
+    }
 }
 
-/// Parses the text of a `<kind>.conf` file.
+/// Parses the text of a `<kind>.conf` file; any problem fails the whole file.
 pub fn parse_profiles(
     kind: &str,
     text: &str,
     file: &str,
 ) -> Result<Vec<(String, ProfileConfig)>, Vec<ConfigError>> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| vec![ConfigError::new(file, None, e.to_string())])?;
+    match parse_profiles_partial(kind, text, file) {
+        (ok, errors) if errors.is_empty() => Ok(ok),
+        (_, errors) => Err(errors),
+    }
+}
+
+fn parse_profiles_partial(
+    kind: &str,
+    text: &str,
+    file: &str,
+) -> (Vec<(String, ProfileConfig)>, Vec<ConfigError>) {
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let e: toml::de::Error = e;
+            return (
+                Vec::new(),
+                vec![ConfigError::new(file, None, e.to_string())],
+            );
+        }
+    };
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (name, value) in table {
@@ -425,6 +453,7 @@ pub fn parse_profiles(
                 ProfileConfig {
                     common: c,
                     connector,
+                    source: file.to_string(),
                 },
             )),
             Err((key, msg)) => errors.push(ConfigError::new(
@@ -437,9 +466,5 @@ pub fn parse_profiles(
             )),
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    (out, errors)
 }

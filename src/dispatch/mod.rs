@@ -72,10 +72,17 @@ pub fn default_worker_id() -> String {
     )
 }
 
-/// Builds the router from the profile files.
+/// Builds the router from the profile files; collects every problem of every file.
 pub fn build_router(cfg: &Config) -> Result<Router, Vec<ConfigError>> {
-    let profiles = cfg.load_profiles()?;
-    Router::build(&cfg.routes, &profiles)
+    let (profiles, mut errors) = cfg.load_profiles();
+    match Router::build(&cfg.routes, &profiles) {
+        Ok(r) if errors.is_empty() => Ok(r),
+        Ok(_) => Err(errors),
+        Err(mut e) => {
+            errors.append(&mut e);
+            Err(errors)
+        }
+    }
 }
 
 struct Shared {

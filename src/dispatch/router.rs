@@ -57,7 +57,11 @@ impl Router {
                         },
                     );
                 }
-                Err(e) => errors.push(e),
+                Err(mut e) => {
+                    // Connectors name their kind's usual file; the real one is known here.
+                    e.file = p.source.clone();
+                    errors.push(e);
+                }
             }
         }
         if !errors.is_empty() {
