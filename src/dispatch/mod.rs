@@ -490,3 +490,76 @@ async fn heartbeat(shared: Arc<Shared>, lease: Duration, stop: CancellationToken
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProfileCommon;
+    use crate::connector::Connector;
+
+    struct Misbehaving(&'static str);
+
+    #[async_trait::async_trait]
+    impl Connector for Misbehaving {
+        fn name(&self) -> &str {
+            "test/misbehaving"
+        }
+        async fn deliver(&self, _: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+            match self.0 {
+                "panic" => panic!("boom"),
+                "hang" => std::future::pending().await,
+                _ => Ok(Receipt::default()),
+            }
+        }
+    }
+
+    fn msg(attempt: i32) -> OutboxMessage {
+        OutboxMessage {
+            id: Uuid::new_v4(),
+            code: "c".into(),
+            agent_type: "api.agent".into(),
+            agent: "x.agent".into(),
+            profile: "default".into(),
+            address: None,
+            subject: None,
+            content: None,
+            label: None,
+            attempt,
+            max_attempts: None,
+            priority: 0,
+            created: chrono::Utc::now(),
+        }
+    }
+
+    fn route(kind: &'static str) -> Result<router::Route, DeliveryError> {
+        Ok(router::Route {
+            connector: Arc::new(Misbehaving(kind)),
+            common: ProfileCommon {
+                retry: vec![Duration::from_secs(10)],
+                max_attempts: 2,
+                timeout: Duration::from_millis(50),
+            },
+        })
+    }
+
+    #[tokio::test]
+    async fn a_panicking_connector_is_a_failed_attempt() {
+        let row = deliver_one(&msg(1), route("panic")).await;
+        assert_eq!(row.outcome, "retry");
+        assert_eq!(row.error_code.as_deref(), Some("connector-panic"));
+        assert!(row.error_text.unwrap().contains("boom"));
+        let last = deliver_one(&msg(2), route("panic")).await;
+        assert_eq!(last.outcome, "failed", "max_attempts reached");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_past_the_profile_timeout_is_retried() {
+        let row = deliver_one(&msg(1), route("hang")).await;
+        assert_eq!(row.outcome, "retry");
+        assert_eq!(row.error_code.as_deref(), Some("timeout"));
+        let d = row.retry_delay_ms.unwrap();
+        assert!((8000..=12000).contains(&d), "10 s ± 20 %: {d}");
+        let ok = deliver_one(&msg(1), route("ok")).await;
+        assert_eq!((ok.outcome, ok.error_code), ("done", None));
+    }
+}
