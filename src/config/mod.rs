@@ -308,6 +308,8 @@ pub struct ProfileCommon {
     pub max_attempts: u32,
     /// Upper bound of one delivery.
     pub timeout: Duration,
+    /// Larger content fails with `content-too-large` before any connector sees it.
+    pub max_content_bytes: usize,
 }
 
 impl Default for ProfileCommon {
@@ -320,6 +322,7 @@ impl Default for ProfileCommon {
             max_attempts: retry.len() as u32 + 1,
             retry,
             timeout: Duration::from_secs(30),
+            max_content_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -330,6 +333,7 @@ struct CommonKeys {
     retry: Option<Vec<Dur>>,
     max_attempts: Option<u32>,
     timeout: Option<Dur>,
+    max_content_bytes: Option<usize>,
 }
 
 /// One profile: the common settings and the connector's own.
@@ -402,7 +406,7 @@ fn parse_profiles_partial(
             continue;
         };
         let mut common_table = toml::Table::new();
-        for key in ["retry", "max_attempts", "timeout"] {
+        for key in ["retry", "max_attempts", "timeout", "max_content_bytes"] {
             if let Some(v) = t.remove(key) {
                 common_table.insert(key.into(), v);
             }
@@ -440,6 +444,9 @@ fn parse_profiles_partial(
         }
         if let Some(t) = common.timeout {
             c.timeout = t.0;
+        }
+        if let Some(m) = common.max_content_bytes {
+            c.max_content_bytes = m;
         }
         let kinded = {
             let mut t2 = toml::Table::new();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures::FutureExt;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -169,7 +169,9 @@ pub async fn run(
         });
     }
 
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<OutcomeRow>();
+    // A delivery slot travels with its outcome and is freed once the outcome is recorded, so at
+    // most `concurrency` messages are in `sending` per daemon (what a crash can duplicate).
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<(OutcomeRow, OwnedSemaphorePermit)>();
     let recorder = tokio::spawn(record_loop(
         shared.clone(),
         done_rx,
@@ -239,8 +241,7 @@ pub async fn run(
                     let tx = done_tx.clone();
                     deliveries.spawn(async move {
                         let row = deliver_one(&msg, route).await;
-                        let _ = tx.send(row);
-                        drop(permit);
+                        let _ = tx.send((row, permit));
                     });
                 }
                 if n == want {
@@ -323,6 +324,21 @@ async fn deliver_one(
     );
     let (result, common) = match route {
         Err(e) => (Err(e), None),
+        Ok(route)
+            if msg.content.as_ref().map_or(0, String::len) > route.common.max_content_bytes =>
+        {
+            (
+                Err(DeliveryError::permanent(
+                    "content-too-large",
+                    format!(
+                        "content is {} bytes; the profile allows {} (max_content_bytes)",
+                        msg.content.as_ref().map_or(0, String::len),
+                        route.common.max_content_bytes
+                    ),
+                )),
+                Some(route.common),
+            )
+        }
         Ok(route) => {
             span.record("connector", route.connector.name());
             let fut = std::panic::AssertUnwindSafe(route.connector.deliver(msg))
@@ -418,16 +434,21 @@ pub fn outcome_row(
 /// the next poll (other daemons find it by polling).
 async fn record_loop(
     shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<OutcomeRow>,
+    mut rx: mpsc::UnboundedReceiver<(OutcomeRow, OwnedSemaphorePermit)>,
     max: usize,
     wake: Arc<Notify>,
 ) {
     let mut batch = Vec::with_capacity(max);
-    while let Some(first) = rx.recv().await {
+    let mut permits = Vec::with_capacity(max);
+    while let Some((first, permit)) = rx.recv().await {
         batch.push(first);
+        permits.push(permit);
         while batch.len() < max {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok((r, p)) => {
+                    batch.push(r);
+                    permits.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -462,6 +483,7 @@ async fn record_loop(
             }
         }
         batch.clear();
+        permits.clear();
     }
 }
 
@@ -538,6 +560,7 @@ mod tests {
                 retry: vec![Duration::from_secs(10)],
                 max_attempts: 2,
                 timeout: Duration::from_millis(50),
+                max_content_bytes: 10,
             },
         })
     }
@@ -561,5 +584,10 @@ mod tests {
         assert!((8000..=12000).contains(&d), "10 s ± 20 %: {d}");
         let ok = deliver_one(&msg(1), route("ok")).await;
         assert_eq!((ok.outcome, ok.error_code), ("done", None));
+        let mut big = msg(1);
+        big.content = Some("x".repeat(11));
+        let row = deliver_one(&big, route("ok")).await;
+        assert_eq!(row.outcome, "failed");
+        assert_eq!(row.error_code.as_deref(), Some("content-too-large"));
     }
 }

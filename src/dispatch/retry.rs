@@ -57,6 +57,7 @@ mod tests {
             retry: retry.iter().map(|s| Duration::from_secs(*s)).collect(),
             max_attempts: max,
             timeout: Duration::from_secs(1),
+            max_content_bytes: 1024,
         }
     }
 
