@@ -7,17 +7,33 @@
 //! `Retry-After` (seconds or HTTP-date); network errors and timeouts retry; every other status is
 //! permanent. The message code goes out as `Idempotency-Key`, so a retried request can be
 //! de-duplicated by the receiver.
+//!
+//! Hardening (each in its own file): an optional OAuth2 client-credentials token per profile
+//! ([`oauth`], refreshed through the shared token cache, and once more when the API answers 401),
+//! optional Standard Webhooks signing ([`sign`]), and a host allowlist enforced at connect time
+//! ([`allow`]) so that a message cannot make the daemon call internal services. Response bodies
+//! are read up to `max_response_bytes` (error texts up to 256 bytes), whatever the server sends.
+
+pub mod allow;
+pub mod oauth;
+pub mod sign;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER,
+};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
+use super::token::TokenCache;
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use allow::Policy;
+use sign::Signer;
 
 /// An `http` profile.
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +72,26 @@ pub struct HttpConfig {
     pub max_response_bytes: usize,
     /// Request timeout (common key). Default 30s.
     pub timeout: Option<Dur>,
+    /// OAuth2 client-credentials token for `Authorization` (instead of `token`). Default none.
+    pub oauth2: Option<Box<oauth::OAuth2Config>>,
+    /// Standard Webhooks signing secret (`whsec_<base64>`): inline…
+    pub signing_secret: Option<Secret>,
+    /// …or from this environment variable…
+    pub signing_secret_env: Option<String>,
+    /// …or from this file. Default: requests are not signed.
+    pub signing_secret_file: Option<std::path::PathBuf>,
+    /// Use an `address` that is an absolute http(s) URL as the whole URL (instead of refusing the
+    /// message with `host-denied`). Default false.
+    #[serde(default)]
+    pub allow_absolute_address: bool,
+    /// Admit hosts other than the profile's own that resolve to private, loopback, link-local or
+    /// other non-public addresses. Default false.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// When set, the only hosts besides the profile's own that requests may reach: names,
+    /// `*.suffix` wildcards, IP addresses, CIDRs. Default empty (any public host).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 fn default_method() -> String {
@@ -81,6 +117,12 @@ pub struct HttpConnector {
     name: String,
     client: reqwest::Client,
     base: String,
+    base_url: url::Url,
+    policy: Arc<Policy>,
+    allow_absolute_address: bool,
+    /// The OAuth2 token cache and the scheme it goes out with.
+    oauth: Option<(Arc<TokenCache>, String)>,
+    signer: Option<Signer>,
     method: Method,
     headers: HeaderMap,
     idempotency_header: Option<HeaderName>,
@@ -94,7 +136,14 @@ impl HttpConnector {
         let err = |key: &str, msg: String| {
             ConfigError::new("http.conf", Some(format!("{profile}.{key}")), msg)
         };
-        url::Url::parse(&cfg.url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
+        let base_url =
+            url::Url::parse(&cfg.url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
+        if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
+            return Err(err(
+                "url",
+                "must be an http or https URL with a host".into(),
+            ));
+        }
         let method = Method::from_bytes(cfg.method.to_uppercase().as_bytes())
             .map_err(|_| err("method", format!("invalid method \"{}\"", cfg.method)))?;
         let mut headers = HeaderMap::new();
@@ -117,11 +166,18 @@ impl HttpConnector {
         }
         .resolve("token")
         .map_err(|m| err("token", m))?;
+        if token.is_some() && cfg.oauth2.is_some() {
+            return Err(err(
+                "oauth2",
+                "set either a static token (token, token_env, token_file) or oauth2, not both"
+                    .into(),
+            ));
+        }
         if let Some(t) = token {
             let mut v = HeaderValue::from_str(&format!("{} {}", cfg.auth_scheme, t.expose()))
                 .map_err(|_| err("token", "token is not a valid header value".into()))?;
             v.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, v);
+            headers.insert(AUTHORIZATION, v);
         }
         let idempotency_header = if cfg.idempotency_header.is_empty() {
             None
@@ -132,16 +188,55 @@ impl HttpConnector {
             )
         };
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        let policy = Arc::new(
+            Policy::new(&base_url, cfg.allow_private, &cfg.allowed_hosts)
+                .map_err(|m| err("allowed_hosts", m))?,
+        );
+        let redirect_policy = policy.clone();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+            // Names are checked where they are resolved for the connection (no rebinding window)…
+            .dns_resolver(Arc::new(allow::Guard(policy.clone())))
+            // …and IP-literal redirect targets, which never reach the resolver, here.
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else if let Err(denied) = redirect_policy.check_url(attempt.url()) {
+                    attempt.error(denied)
+                } else {
+                    attempt.follow()
+                }
+            }))
             .build()
             .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
+        let oauth = match &cfg.oauth2 {
+            Some(o) => Some((
+                oauth::cache_for(o, timeout).map_err(|m| err("oauth2", m))?,
+                cfg.auth_scheme.clone(),
+            )),
+            None => None,
+        };
+        let signer = SecretSource {
+            value: cfg.signing_secret.clone(),
+            env: cfg.signing_secret_env.clone(),
+            file: cfg.signing_secret_file.clone(),
+        }
+        .resolve("signing_secret")
+        .map_err(|m| err("signing_secret", m))?
+        .map(|s| Signer::new(&s))
+        .transpose()
+        .map_err(|m| err("signing_secret", m))?;
         Ok(HttpConnector {
             name: format!("http/{profile}"),
             client,
             base: cfg.url.trim_end_matches('/').to_string(),
+            base_url,
+            policy,
+            allow_absolute_address: cfg.allow_absolute_address,
+            oauth,
+            signer,
             method,
             headers,
             idempotency_header,
@@ -153,12 +248,43 @@ impl HttpConnector {
         })
     }
 
-    fn url_for(&self, msg: &OutboxMessage) -> String {
-        match msg.address.as_deref().map(str::trim) {
-            None | Some("") => self.base.clone(),
-            Some(path) if path.starts_with('/') => format!("{}{path}", self.base),
-            Some(path) => format!("{}/{path}", self.base),
+    /// Base URL + `address` (Apostol: `uri + address`), or the address itself when it is an
+    /// absolute URL and the profile allows that; checked against the allowlist.
+    fn url_for(&self, msg: &OutboxMessage) -> Result<url::Url, DeliveryError> {
+        let address = msg.address.as_deref().map(str::trim).unwrap_or("");
+        let scheme = address
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase());
+        let absolute = matches!(scheme.as_deref(), Some("http" | "https"));
+        let text = if absolute {
+            if !self.allow_absolute_address {
+                return Err(DeliveryError::permanent(
+                    "host-denied",
+                    "the address is an absolute URL and the profile does not set allow_absolute_address",
+                ));
+            }
+            address.to_string()
+        } else if address.is_empty() {
+            self.base.clone()
+        } else if address.starts_with('/') {
+            format!("{}{address}", self.base)
+        } else {
+            format!("{}/{address}", self.base)
+        };
+        let url = url::Url::parse(&text).map_err(|e| {
+            DeliveryError::permanent("bad-address", format!("not a valid URL ({e}): {text}"))
+        })?;
+        // A path cannot move the request to another host; if the URL parser disagrees, refuse.
+        if !absolute
+            && (url.host() != self.base_url.host() || url.scheme() != self.base_url.scheme())
+        {
+            return Err(DeliveryError::permanent(
+                "host-denied",
+                format!("the address changes the host of the profile's URL: {address}"),
+            ));
         }
+        self.policy.check_url(&url).map_err(denied)?;
+        Ok(url)
     }
 
     fn method_for(&self, msg: &OutboxMessage) -> Method {
@@ -237,6 +363,7 @@ impl Connector for HttpConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        let url = self.url_for(msg)?;
         let body = msg.content.clone().unwrap_or_default();
         if self.validate_json {
             if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
@@ -246,24 +373,64 @@ impl Connector for HttpConnector {
                 ));
             }
         }
-        let mut req = self
-            .client
-            .request(self.method_for(msg), self.url_for(msg))
-            .headers(self.headers.clone())
-            .body(body);
+        let mut headers = self.headers.clone();
+        let code = HeaderValue::from_str(&msg.code).map_err(|_| {
+            DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+        })?;
         if let Some(h) = &self.idempotency_header {
             // draft-ietf-httpapi-idempotency-key-header: the value is a Structured-Field string.
-            req = req.header(h, format!("\"{}\"", msg.code));
+            let v = HeaderValue::from_str(&format!("\"{}\"", msg.code)).map_err(|_| {
+                DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+            })?;
+            headers.insert(h.clone(), v);
         }
-        let resp = req.send().await.map_err(|e| classify_transport(&e))?;
+        if let Some(signer) = &self.signer {
+            for (name, value) in signer.headers(&msg.code, body.as_bytes()) {
+                let v = if name == "webhook-id" {
+                    code.clone()
+                } else {
+                    HeaderValue::from_str(&value).expect("ASCII")
+                };
+                headers.insert(name, v);
+            }
+        }
+        let method = self.method_for(msg);
+        let resp = match &self.oauth {
+            None => self.send(&method, &url, headers, &body).await?,
+            Some((cache, scheme)) => {
+                let token = cache.get().await?;
+                let resp = self
+                    .send(&method, &url, with_token(&headers, scheme, &token)?, &body)
+                    .await?;
+                if resp.status() != StatusCode::UNAUTHORIZED {
+                    resp
+                } else {
+                    // RFC 6750 §3.1: the token expired or was revoked. Refresh once (one fetch for
+                    // all the requests that saw this token) and resend.
+                    drop(resp);
+                    tracing::debug!(message_id = %msg.id, profile = %msg.profile, "HTTP 401: refreshing the OAuth2 token");
+                    cache.invalidate(&token).await;
+                    let fresh = cache.get().await?;
+                    let resp = self
+                        .send(&method, &url, with_token(&headers, scheme, &fresh)?, &body)
+                        .await?;
+                    if resp.status() == StatusCode::UNAUTHORIZED {
+                        let text = self.read_text(resp).await?;
+                        return Err(DeliveryError::retry(
+                            "token-invalid",
+                            format!("HTTP 401 with a fresh token: {}", truncate(&text, 256)),
+                        )
+                        .with_status(401));
+                    }
+                    resp
+                }
+            }
+        };
         let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = read_limited(resp, self.max_response_bytes)
-            .await
-            .map_err(|e| classify_transport(&e))?;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let resp_headers = resp.headers().clone();
+        let text = self.read_text(resp).await?;
         if !status.is_success() {
-            return Err(classify_status(status, &text, &headers));
+            return Err(classify_status(status, &text, &resp_headers));
         }
         let provider_id = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
@@ -273,11 +440,70 @@ impl Connector for HttpConnector {
                     .find_map(|k| v.get(k).map(json_scalar))
             });
         Ok(Receipt {
-            provider_id,
+            provider_id: provider_id.map(|p| truncate(&p, 256).to_string()),
             remote_status: Some(status.as_u16() as i32),
             reply: (self.store_reply && !text.is_empty()).then_some(text),
         })
     }
+}
+
+impl HttpConnector {
+    async fn send(
+        &self,
+        method: &Method,
+        url: &url::Url,
+        headers: HeaderMap,
+        body: &str,
+    ) -> Result<reqwest::Response, DeliveryError> {
+        self.client
+            .request(method.clone(), url.clone())
+            .headers(headers)
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| classify_send(&e))
+    }
+
+    /// The body as text, at most `max_response_bytes` of it read, NULs replaced (PostgreSQL text
+    /// cannot hold them).
+    async fn read_text(&self, resp: reqwest::Response) -> Result<String, DeliveryError> {
+        let bytes = read_limited(resp, self.max_response_bytes)
+            .await
+            .map_err(|e| classify_transport(&e))?;
+        let text = String::from_utf8_lossy(&bytes);
+        Ok(if text.contains('\0') {
+            text.replace('\0', "\u{FFFD}")
+        } else {
+            text.into_owned()
+        })
+    }
+}
+
+/// `headers` with `Authorization: <scheme> <token>` (marked sensitive: never printed).
+fn with_token(
+    headers: &HeaderMap,
+    scheme: &str,
+    token: &Secret,
+) -> Result<HeaderMap, DeliveryError> {
+    let mut v = HeaderValue::from_str(&format!("{scheme} {}", token.expose())).map_err(|_| {
+        DeliveryError::retry("token-invalid", "the token is not a valid header value")
+    })?;
+    v.set_sensitive(true);
+    let mut h = headers.clone();
+    h.insert(AUTHORIZATION, v);
+    Ok(h)
+}
+
+/// A failed send: refused by the allowlist (resolver or redirect policy) or a transport error.
+fn classify_send(e: &reqwest::Error) -> DeliveryError {
+    match allow::is_denied(e) {
+        Some(d) => denied(d.clone()),
+        None => classify_transport(e),
+    }
+}
+
+fn denied(d: allow::HostDenied) -> DeliveryError {
+    DeliveryError::permanent("host-denied", d.to_string())
 }
 
 fn json_scalar(v: &serde_json::Value) -> String {
