@@ -240,8 +240,8 @@ pub enum Answer {
     Endless,
     /// 200 with NUL bytes in the body.
     Nul,
-    /// 307 to this URL.
-    Redirect(String),
+    /// 307 to `to` for requests to the path `from`; 200 to the others.
+    Redirect { from: String, to: String },
 }
 
 /// One request the API got, and what it made of it.
@@ -415,10 +415,11 @@ async fn api(
                 )
             }
             Answer::Nul => (200, (StatusCode::OK, "a\0b").into_response()),
-            Answer::Redirect(to) => (
+            Answer::Redirect { from, to } if from == uri.path() => (
                 307,
                 (StatusCode::TEMPORARY_REDIRECT, [("location", to)], "").into_response(),
             ),
+            Answer::Redirect { .. } => (200, (StatusCode::OK, "{}").into_response()),
         }
     };
     st.seen.push(Seen {
