@@ -569,6 +569,122 @@ mod tests {
         assert_eq!(parse_retry_after(&h), None);
     }
 
+    fn build(text: &str) -> Result<HttpConnector, ConfigError> {
+        let cfg: HttpConfig = toml::from_str(text).expect("parses");
+        HttpConnector::new("p", &cfg)
+    }
+
+    #[test]
+    fn the_example_conf_and_its_commented_oauth2_section_build() {
+        let text = include_str!("../../../conf/http.conf");
+        let profiles = crate::config::parse_profiles("http", text, "conf/http.conf").unwrap();
+        for (name, p) in &profiles {
+            p.connector.build(name).unwrap();
+        }
+        let oauth: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [default.oauth2]"))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .collect();
+        assert!(oauth.len() >= 8, "{oauth:?}");
+        std::env::set_var("OUTBOXD_HTTP_CLIENT_SECRET", "example");
+        let text = format!("{text}\n{}\n", oauth.join("\n"));
+        let profiles = crate::config::parse_profiles("http", &text, "conf/http.conf").unwrap();
+        match &profiles[0].1.connector {
+            crate::connector::ConnectorConfig::Http(c) => {
+                let o = c.oauth2.as_ref().expect("the oauth2 section");
+                assert_eq!(o.client_auth, oauth::ClientAuth::Basic);
+                assert_eq!(o.refresh_every.unwrap().0, Duration::from_secs(55 * 60));
+            }
+            other => panic!("{other:?}"),
+        }
+        profiles[0].1.connector.build("default").unwrap();
+    }
+
+    #[test]
+    fn conflicting_or_malformed_hardening_keys_are_config_errors() {
+        let base = "url = \"http://127.0.0.1:1/\"\n";
+        let oauth = "[oauth2]\ntoken_url = \"http://127.0.0.1:2/t\"\nclient_id = \"c\"\n";
+        let e = build(&format!(
+            "{base}token = \"t\"\n{oauth}client_secret = \"s\"\n"
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.oauth2"));
+        let e = build(&format!("{base}{oauth}")).err().unwrap();
+        assert!(e.message.contains("client_secret"), "{e}");
+        let e = build(&format!("{base}allowed_hosts = [\"10.0.0.0/99\"]\n"))
+            .err()
+            .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.allowed_hosts"));
+        let e = build(&format!("{base}signing_secret = \"whsec_%%%\"\n"))
+            .err()
+            .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.signing_secret"));
+        assert!(
+            !e.to_string().contains("%%%"),
+            "the secret is not echoed: {e}"
+        );
+        let e = build("url = \"file:///etc/passwd\"\n").err().unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.url"));
+    }
+
+    #[test]
+    fn urls_are_base_plus_address_and_absolute_only_when_allowed() {
+        let msg = |address: &str| OutboxMessage {
+            id: uuid::Uuid::nil(),
+            code: "c".into(),
+            agent_type: "api.agent".into(),
+            agent: "http.agent".into(),
+            profile: "p".into(),
+            address: Some(address.into()),
+            subject: None,
+            content: None,
+            label: None,
+            attempt: 1,
+            max_attempts: None,
+            priority: 0,
+            created: chrono::Utc::now(),
+        };
+        let c = build("url = \"https://api.example.com/v1/\"\n").unwrap();
+        let url = |a: &str| c.url_for(&msg(a)).map(|u| u.to_string());
+        assert_eq!(url("").unwrap(), "https://api.example.com/v1");
+        assert_eq!(url("/send").unwrap(), "https://api.example.com/v1/send");
+        assert_eq!(
+            url("send?x=1").unwrap(),
+            "https://api.example.com/v1/send?x=1"
+        );
+        assert_eq!(
+            url("//evil.example/x").unwrap(),
+            "https://api.example.com/v1//evil.example/x"
+        );
+        assert_eq!(
+            url("@evil.example").unwrap(),
+            "https://api.example.com/v1/@evil.example"
+        );
+        assert_eq!(
+            url("https://evil.example/").unwrap_err().code(),
+            "host-denied"
+        );
+        assert_eq!(
+            url("HTTP://evil.example/").unwrap_err().code(),
+            "host-denied"
+        );
+        let c =
+            build("url = \"https://api.example.com\"\nallow_absolute_address = true\n").unwrap();
+        let url = |a: &str| c.url_for(&msg(a)).map(|u| u.to_string());
+        assert_eq!(
+            url("https://other.example/x").unwrap(),
+            "https://other.example/x"
+        );
+        assert_eq!(
+            url("http://169.254.169.254/latest").unwrap_err().code(),
+            "host-denied"
+        );
+        assert_eq!(url("http://[fd00::1]/").unwrap_err().code(), "host-denied");
+    }
+
     #[test]
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "h");
