@@ -10,14 +10,6 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(15);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// A fast test configuration: retries are claimed by a 50 ms poll (nothing else wakes the daemon
-/// when a retry falls due).
-fn config(tc: &TestConfig) -> outboxd::config::Config {
-    let mut cfg = tc.config.clone();
-    cfg.poll_interval = Duration::from_millis(50);
-    cfg
-}
-
 async fn code_of(c: &tokio_postgres::Client, id: Uuid) -> String {
     c.query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&id])
         .await
@@ -64,7 +56,7 @@ async fn signed_requests_verify_and_keep_their_webhook_id_across_a_retry() {
         &format!("signing_secret_file = \"{}\"", path_str(secret_file.path())),
     );
     let tc = TestConfig::new(&db, &[("http", &conf)]);
-    let daemon = Daemon::start(config(&tc));
+    let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     let id = send(&c, "http.agent", "default", "/hook", "{\"event\":\"paid\"}").await;
     wait_state(&c, id, "submitted", WAIT).await;
@@ -95,7 +87,7 @@ async fn a_wrong_signing_secret_is_refused_by_the_receiver() {
         "signing_secret = \"whsec_c2VjcmV0LWJ1dC1ub3QtdGhlLXJpZ2h0LW9uZQ==\"",
     );
     let tc = TestConfig::new(&db, &[("http", &conf)]);
-    let daemon = Daemon::start(config(&tc));
+    let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     let id = send(&c, "http.agent", "default", "/hook", "{}").await;
     failed_with(&c, id, "http-400").await;
@@ -116,7 +108,7 @@ async fn absolute_addresses_to_private_hosts_are_denied_while_normal_messages_fl
         api.url
     );
     let tc = TestConfig::new(&db, &[("http", &conf)]);
-    let daemon = Daemon::start(config(&tc));
+    let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     let denied = [
         // by the resolver, at connect time
@@ -179,7 +171,7 @@ async fn the_allowlist_admits_listed_hosts_and_nothing_else() {
         api.url
     );
     let tc = TestConfig::new(&db, &[("http", &conf)]);
-    let daemon = Daemon::start(config(&tc));
+    let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     let by_name = send(
         &c,
@@ -223,7 +215,7 @@ async fn redirects_to_private_hosts_are_denied() {
     let p = internal.port();
     let conf = http_conf(&api.url, "");
     let tc = TestConfig::new(&db, &[("http", &conf)]);
-    let daemon = Daemon::start(config(&tc));
+    let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     for target in [
         format!("http://localhost:{p}/admin"),
@@ -254,7 +246,7 @@ async fn huge_endless_and_nul_bodies_are_stored_truncated() {
     let api = Api::start(None, None).await;
     let conf = http_conf(&api.url, "max_response_bytes = 1000\nmax_attempts = 1");
     let tc = TestConfig::new(&db, &[("http", &conf)]);
-    let daemon = Daemon::start(config(&tc));
+    let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
 
     // 10 MB success body: the reply keeps max_response_bytes.

@@ -244,10 +244,7 @@ async fn a_token_endpoint_outage_retries_as_token_fetch() {
         ts.token_url()
     );
     let tc = TestConfig::new(&db, &[("http", &text)]);
-    // Retries become due between wake-ups; only a poll tick claims them.
-    let mut cfg = tc.config.clone();
-    cfg.poll_interval = Duration::from_millis(50);
-    let daemon = Daemon::start(cfg);
+    let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     let id = send(&c, "http.agent", "default", "/", "{}").await;
     wait_for(WAIT, "a token-fetch retry", || async {
