@@ -167,6 +167,7 @@ pub trait Connector: Send + Sync {
 /// configuration gives the connector's `.conf` file (`[connectors] http = "http.conf"`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[allow(clippy::large_enum_variant)] // parsed once per profile: size does not matter
 pub enum ConnectorConfig {
     File(file::FileConfig),
     Http(http::HttpConfig),

@@ -1,0 +1,693 @@
+//! The generic `http` connector (Apostol's "API" connector): `api.agent` messages whose agent has
+//! no dedicated connector land here. The profile gives the base URL, method, headers and
+//! credentials; the message gives the path (`address`), the body (`content`) and, optionally, the
+//! method (`subject`, when it is an HTTP method name).
+//!
+//! Classification (house style, RFC 9110): 2xx done; 408, 429 and 5xx except 501 retry, honouring
+//! `Retry-After` (seconds or HTTP-date); network errors and timeouts retry; every other status is
+//! permanent. The message code goes out as `Idempotency-Key`, so a retried request can be
+//! de-duplicated by the receiver.
+//!
+//! Hardening (each in its own file): an optional OAuth2 client-credentials token per profile
+//! ([`oauth`], refreshed through the shared token cache, and once more when the API answers 401),
+//! optional Standard Webhooks signing ([`sign`]), and a host allowlist enforced at connect time
+//! ([`allow`]) so that a message cannot make the daemon call internal services. Response bodies
+//! are read up to `max_response_bytes` (error texts up to 256 bytes), whatever the server sends.
+
+pub mod allow;
+pub mod oauth;
+pub mod sign;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER,
+};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+
+use super::token::TokenCache;
+use super::{Connector, DeliveryError, OutboxMessage, Receipt};
+use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use allow::Policy;
+use sign::Signer;
+
+/// An `http` profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Base URL; the message's `address` is appended to it (Apostol: `uri + address`).
+    pub url: String,
+    /// Default method. Default `POST`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// `Content-Type` of the body. Default `application/json`.
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+    /// Extra headers sent with every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Scheme of the `Authorization` header when a token is set. Default `Bearer`.
+    #[serde(default = "default_auth_scheme")]
+    pub auth_scheme: String,
+    /// Token for `Authorization: <auth_scheme> <token>`: inline…
+    pub token: Option<Secret>,
+    /// …or from this environment variable…
+    pub token_env: Option<String>,
+    /// …or from this file.
+    pub token_file: Option<std::path::PathBuf>,
+    /// Check that the body is JSON before sending (default: when `content_type` is JSON).
+    pub validate_json: Option<bool>,
+    /// Name of the idempotency header, empty to send none. Default `Idempotency-Key`.
+    #[serde(default = "default_idempotency_header")]
+    pub idempotency_header: String,
+    /// Store the response body as an inbox reply. Default true.
+    #[serde(default = "default_true")]
+    pub store_reply: bool,
+    /// Bytes of the response body kept (reply and error text). Default 65536.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+    /// Request timeout (common key). Default 30s.
+    pub timeout: Option<Dur>,
+    /// OAuth2 client-credentials token for `Authorization` (instead of `token`). Default none.
+    pub oauth2: Option<Box<oauth::OAuth2Config>>,
+    /// Standard Webhooks signing secret (`whsec_<base64>`): inline…
+    pub signing_secret: Option<Secret>,
+    /// …or from this environment variable…
+    pub signing_secret_env: Option<String>,
+    /// …or from this file. Default: requests are not signed.
+    pub signing_secret_file: Option<std::path::PathBuf>,
+    /// Use an `address` that is an absolute http(s) URL as the whole URL (instead of refusing the
+    /// message with `host-denied`). Default false.
+    #[serde(default)]
+    pub allow_absolute_address: bool,
+    /// Admit hosts other than the profile's own that resolve to private, loopback, link-local or
+    /// other non-public addresses. Default false.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// When set, the only hosts besides the profile's own that requests may reach: names,
+    /// `*.suffix` wildcards, IP addresses, CIDRs. Default empty (any public host).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+fn default_content_type() -> String {
+    "application/json".into()
+}
+fn default_auth_scheme() -> String {
+    "Bearer".into()
+}
+fn default_idempotency_header() -> String {
+    "Idempotency-Key".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_response() -> usize {
+    65536
+}
+
+pub struct HttpConnector {
+    name: String,
+    client: reqwest::Client,
+    base: String,
+    base_url: url::Url,
+    policy: Arc<Policy>,
+    allow_absolute_address: bool,
+    /// The OAuth2 token cache and the scheme it goes out with.
+    oauth: Option<(Arc<TokenCache>, String)>,
+    signer: Option<Signer>,
+    method: Method,
+    headers: HeaderMap,
+    idempotency_header: Option<HeaderName>,
+    validate_json: bool,
+    store_reply: bool,
+    max_response_bytes: usize,
+}
+
+impl HttpConnector {
+    pub fn new(profile: &str, cfg: &HttpConfig) -> Result<Self, ConfigError> {
+        let err = |key: &str, msg: String| {
+            ConfigError::new("http.conf", Some(format!("{profile}.{key}")), msg)
+        };
+        let base_url =
+            url::Url::parse(&cfg.url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
+        if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
+            return Err(err(
+                "url",
+                "must be an http or https URL with a host".into(),
+            ));
+        }
+        let method = Method::from_bytes(cfg.method.to_uppercase().as_bytes())
+            .map_err(|_| err("method", format!("invalid method \"{}\"", cfg.method)))?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| err("headers", format!("invalid header name \"{k}\"")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| err("headers", format!("invalid value for header \"{k}\"")))?;
+            headers.insert(name, value);
+        }
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_str(&cfg.content_type)
+                .map_err(|_| err("content_type", "invalid content type".into()))?,
+        );
+        let token = SecretSource {
+            value: cfg.token.clone(),
+            env: cfg.token_env.clone(),
+            file: cfg.token_file.clone(),
+        }
+        .resolve("token")
+        .map_err(|m| err("token", m))?;
+        if token.is_some() && cfg.oauth2.is_some() {
+            return Err(err(
+                "oauth2",
+                "set either a static token (token, token_env, token_file) or oauth2, not both"
+                    .into(),
+            ));
+        }
+        if let Some(t) = token {
+            let mut v = HeaderValue::from_str(&format!("{} {}", cfg.auth_scheme, t.expose()))
+                .map_err(|_| err("token", "token is not a valid header value".into()))?;
+            v.set_sensitive(true);
+            headers.insert(AUTHORIZATION, v);
+        }
+        let idempotency_header = if cfg.idempotency_header.is_empty() {
+            None
+        } else {
+            Some(
+                HeaderName::from_bytes(cfg.idempotency_header.as_bytes())
+                    .map_err(|_| err("idempotency_header", "invalid header name".into()))?,
+            )
+        };
+        let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        let policy = Arc::new(
+            Policy::new(&base_url, cfg.allow_private, &cfg.allowed_hosts)
+                .map_err(|m| err("allowed_hosts", m))?,
+        );
+        let redirect_policy = policy.clone();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+            // Names are checked where they are resolved for the connection (no rebinding window)…
+            .dns_resolver(Arc::new(allow::Guard(policy.clone())))
+            // …and IP-literal redirect targets, which never reach the resolver, here.
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else if let Err(denied) = redirect_policy.check_url(attempt.url()) {
+                    attempt.error(denied)
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
+        let oauth = match &cfg.oauth2 {
+            Some(o) => Some((
+                oauth::cache_for(o, timeout).map_err(|m| err("oauth2", m))?,
+                cfg.auth_scheme.clone(),
+            )),
+            None => None,
+        };
+        let signer = SecretSource {
+            value: cfg.signing_secret.clone(),
+            env: cfg.signing_secret_env.clone(),
+            file: cfg.signing_secret_file.clone(),
+        }
+        .resolve("signing_secret")
+        .map_err(|m| err("signing_secret", m))?
+        .map(|s| Signer::new(&s))
+        .transpose()
+        .map_err(|m| err("signing_secret", m))?;
+        Ok(HttpConnector {
+            name: format!("http/{profile}"),
+            client,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            base_url,
+            policy,
+            allow_absolute_address: cfg.allow_absolute_address,
+            oauth,
+            signer,
+            method,
+            headers,
+            idempotency_header,
+            validate_json: cfg
+                .validate_json
+                .unwrap_or_else(|| cfg.content_type.to_ascii_lowercase().contains("json")),
+            store_reply: cfg.store_reply,
+            max_response_bytes: cfg.max_response_bytes,
+        })
+    }
+
+    /// Base URL + `address` (Apostol: `uri + address`), or the address itself when it is an
+    /// absolute URL and the profile allows that; checked against the allowlist.
+    fn url_for(&self, msg: &OutboxMessage) -> Result<url::Url, DeliveryError> {
+        let address = msg.address.as_deref().map(str::trim).unwrap_or("");
+        let scheme = address
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase());
+        let absolute = matches!(scheme.as_deref(), Some("http" | "https"));
+        let text = if absolute {
+            if !self.allow_absolute_address {
+                return Err(DeliveryError::permanent(
+                    "host-denied",
+                    "the address is an absolute URL and the profile does not set allow_absolute_address",
+                ));
+            }
+            address.to_string()
+        } else if address.is_empty() {
+            self.base.clone()
+        } else if address.starts_with('/') {
+            format!("{}{address}", self.base)
+        } else {
+            format!("{}/{address}", self.base)
+        };
+        let url = url::Url::parse(&text).map_err(|e| {
+            DeliveryError::permanent("bad-address", format!("not a valid URL ({e}): {text}"))
+        })?;
+        // A path cannot move the request to another host; if the URL parser disagrees, refuse.
+        if !absolute
+            && (url.host() != self.base_url.host() || url.scheme() != self.base_url.scheme())
+        {
+            return Err(DeliveryError::permanent(
+                "host-denied",
+                format!("the address changes the host of the profile's URL: {address}"),
+            ));
+        }
+        self.policy.check_url(&url).map_err(denied)?;
+        Ok(url)
+    }
+
+    fn method_for(&self, msg: &OutboxMessage) -> Method {
+        match msg.subject.as_deref() {
+            Some(s @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE")) => {
+                Method::from_bytes(s.as_bytes()).expect("known method")
+            }
+            _ => self.method.clone(),
+        }
+    }
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The house classification of an HTTP status that is not a success.
+pub fn classify_status(status: StatusCode, body: &str, headers: &HeaderMap) -> DeliveryError {
+    let code = format!("http-{}", status.as_u16());
+    let reason = format!("HTTP {}: {}", status.as_u16(), truncate(body, 256));
+    let retryable = status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED);
+    if retryable {
+        DeliveryError::retry(code, reason)
+            .with_retry_after(parse_retry_after(headers))
+            .with_status(status.as_u16() as i32)
+    } else {
+        DeliveryError::permanent(code, reason).with_status(status.as_u16() as i32)
+    }
+}
+
+/// A transport failure (no status): always retryable.
+pub fn classify_transport(e: &reqwest::Error) -> DeliveryError {
+    let code = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "network"
+    };
+    // reqwest's Display omits the cause; the chain says what happened.
+    let mut reason = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        src = s.source();
+    }
+    DeliveryError::retry(code, reason)
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[async_trait]
+impl Connector for HttpConnector {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        let url = self.url_for(msg)?;
+        let body = msg.content.clone().unwrap_or_default();
+        if self.validate_json {
+            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
+                return Err(DeliveryError::permanent(
+                    "bad-content",
+                    format!("content is not valid JSON: {e}"),
+                ));
+            }
+        }
+        let mut headers = self.headers.clone();
+        let code = HeaderValue::from_str(&msg.code).map_err(|_| {
+            DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+        })?;
+        if let Some(h) = &self.idempotency_header {
+            // draft-ietf-httpapi-idempotency-key-header: the value is a Structured-Field string.
+            let v = HeaderValue::from_str(&format!("\"{}\"", msg.code)).map_err(|_| {
+                DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+            })?;
+            headers.insert(h.clone(), v);
+        }
+        if let Some(signer) = &self.signer {
+            for (name, value) in signer.headers(&msg.code, body.as_bytes()) {
+                let v = if name == "webhook-id" {
+                    code.clone()
+                } else {
+                    HeaderValue::from_str(&value).expect("ASCII")
+                };
+                headers.insert(name, v);
+            }
+        }
+        let method = self.method_for(msg);
+        let resp = match &self.oauth {
+            None => self.send(&method, &url, headers, &body).await?,
+            Some((cache, scheme)) => {
+                let token = cache.get().await?;
+                let resp = self
+                    .send(&method, &url, with_token(&headers, scheme, &token)?, &body)
+                    .await?;
+                if resp.status() != StatusCode::UNAUTHORIZED {
+                    resp
+                } else {
+                    // RFC 6750 §3.1: the token expired or was revoked. Refresh once (one fetch for
+                    // all the requests that saw this token) and resend.
+                    drop(resp);
+                    tracing::debug!(message_id = %msg.id, profile = %msg.profile, "HTTP 401: refreshing the OAuth2 token");
+                    cache.invalidate(&token).await;
+                    let fresh = cache.get().await?;
+                    let resp = self
+                        .send(&method, &url, with_token(&headers, scheme, &fresh)?, &body)
+                        .await?;
+                    if resp.status() == StatusCode::UNAUTHORIZED {
+                        let text = self.read_text(resp).await?;
+                        return Err(DeliveryError::retry(
+                            "token-invalid",
+                            format!("HTTP 401 with a fresh token: {}", truncate(&text, 256)),
+                        )
+                        .with_status(401));
+                    }
+                    resp
+                }
+            }
+        };
+        let status = resp.status();
+        let resp_headers = resp.headers().clone();
+        let text = self.read_text(resp).await?;
+        if !status.is_success() {
+            return Err(classify_status(status, &text, &resp_headers));
+        }
+        let provider_id = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| {
+                ["id", "message_id", "messageId", "name"]
+                    .iter()
+                    .find_map(|k| v.get(k).map(json_scalar))
+            });
+        Ok(Receipt {
+            provider_id: provider_id.map(|p| truncate(&p, 256).to_string()),
+            remote_status: Some(status.as_u16() as i32),
+            reply: (self.store_reply && !text.is_empty()).then_some(text),
+        })
+    }
+}
+
+impl HttpConnector {
+    async fn send(
+        &self,
+        method: &Method,
+        url: &url::Url,
+        headers: HeaderMap,
+        body: &str,
+    ) -> Result<reqwest::Response, DeliveryError> {
+        self.client
+            .request(method.clone(), url.clone())
+            .headers(headers)
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| classify_send(&e))
+    }
+
+    /// The body as text, at most `max_response_bytes` of it read, NULs replaced (PostgreSQL text
+    /// cannot hold them).
+    async fn read_text(&self, resp: reqwest::Response) -> Result<String, DeliveryError> {
+        let bytes = read_limited(resp, self.max_response_bytes)
+            .await
+            .map_err(|e| classify_transport(&e))?;
+        let text = String::from_utf8_lossy(&bytes);
+        Ok(if text.contains('\0') {
+            text.replace('\0', "\u{FFFD}")
+        } else {
+            text.into_owned()
+        })
+    }
+}
+
+/// `headers` with `Authorization: <scheme> <token>` (marked sensitive: never printed).
+fn with_token(
+    headers: &HeaderMap,
+    scheme: &str,
+    token: &Secret,
+) -> Result<HeaderMap, DeliveryError> {
+    let mut v = HeaderValue::from_str(&format!("{scheme} {}", token.expose())).map_err(|_| {
+        DeliveryError::retry("token-invalid", "the token is not a valid header value")
+    })?;
+    v.set_sensitive(true);
+    let mut h = headers.clone();
+    h.insert(AUTHORIZATION, v);
+    Ok(h)
+}
+
+/// A failed send: refused by the allowlist (resolver or redirect policy) or a transport error.
+fn classify_send(e: &reqwest::Error) -> DeliveryError {
+    match allow::is_denied(e) {
+        Some(d) => denied(d.clone()),
+        None => classify_transport(e),
+    }
+}
+
+fn denied(d: allow::HostDenied) -> DeliveryError {
+    DeliveryError::permanent("host-denied", d.to_string())
+}
+
+fn json_scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Reads at most `max` bytes of a body, dropping the rest (a huge body cannot exhaust memory).
+pub async fn read_limited(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = max.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= max {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified_as_the_house_style_says() {
+        let h = HeaderMap::new();
+        for (s, retry) in [
+            (408, true),
+            (429, true),
+            (500, true),
+            (503, true),
+            (501, false),
+            (400, false),
+            (404, false),
+            (422, false),
+        ] {
+            let e = classify_status(StatusCode::from_u16(s).unwrap(), "x", &h);
+            assert_eq!(e.is_retry(), retry, "status {s}");
+            assert_eq!(e.code(), format!("http-{s}"));
+            assert_eq!(e.remote_status(), Some(s as i32));
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let d = parse_retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(parse_retry_after(&h), None);
+    }
+
+    fn build(text: &str) -> Result<HttpConnector, ConfigError> {
+        let cfg: HttpConfig = toml::from_str(text).expect("parses");
+        HttpConnector::new("p", &cfg)
+    }
+
+    #[test]
+    fn the_example_conf_and_its_commented_oauth2_section_build() {
+        let text = include_str!("../../../conf/http.conf");
+        let profiles = crate::config::parse_profiles("http", text, "conf/http.conf").unwrap();
+        for (name, p) in &profiles {
+            p.connector.build(name).unwrap();
+        }
+        let oauth: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [default.oauth2]"))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .collect();
+        assert!(oauth.len() >= 8, "{oauth:?}");
+        std::env::set_var("OUTBOXD_HTTP_CLIENT_SECRET", "example");
+        let text = format!("{text}\n{}\n", oauth.join("\n"));
+        let profiles = crate::config::parse_profiles("http", &text, "conf/http.conf").unwrap();
+        match &profiles[0].1.connector {
+            crate::connector::ConnectorConfig::Http(c) => {
+                let o = c.oauth2.as_ref().expect("the oauth2 section");
+                assert_eq!(o.client_auth, oauth::ClientAuth::Basic);
+                assert_eq!(o.refresh_every.unwrap().0, Duration::from_secs(55 * 60));
+            }
+            other => panic!("{other:?}"),
+        }
+        profiles[0].1.connector.build("default").unwrap();
+    }
+
+    #[test]
+    fn conflicting_or_malformed_hardening_keys_are_config_errors() {
+        let base = "url = \"http://127.0.0.1:1/\"\n";
+        let oauth = "[oauth2]\ntoken_url = \"http://127.0.0.1:2/t\"\nclient_id = \"c\"\n";
+        let e = build(&format!(
+            "{base}token = \"t\"\n{oauth}client_secret = \"s\"\n"
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.oauth2"));
+        let e = build(&format!("{base}{oauth}")).err().unwrap();
+        assert!(e.message.contains("client_secret"), "{e}");
+        let e = build(&format!("{base}allowed_hosts = [\"10.0.0.0/99\"]\n"))
+            .err()
+            .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.allowed_hosts"));
+        let e = build(&format!("{base}signing_secret = \"whsec_%%%\"\n"))
+            .err()
+            .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.signing_secret"));
+        assert!(
+            !e.to_string().contains("%%%"),
+            "the secret is not echoed: {e}"
+        );
+        let e = build("url = \"file:///etc/passwd\"\n").err().unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.url"));
+    }
+
+    #[test]
+    fn urls_are_base_plus_address_and_absolute_only_when_allowed() {
+        let msg = |address: &str| OutboxMessage {
+            id: uuid::Uuid::nil(),
+            code: "c".into(),
+            agent_type: "api.agent".into(),
+            agent: "http.agent".into(),
+            profile: "p".into(),
+            address: Some(address.into()),
+            subject: None,
+            content: None,
+            label: None,
+            attempt: 1,
+            max_attempts: None,
+            priority: 0,
+            created: chrono::Utc::now(),
+        };
+        let c = build("url = \"https://api.example.com/v1/\"\n").unwrap();
+        let url = |a: &str| c.url_for(&msg(a)).map(|u| u.to_string());
+        assert_eq!(url("").unwrap(), "https://api.example.com/v1");
+        assert_eq!(url("/send").unwrap(), "https://api.example.com/v1/send");
+        assert_eq!(
+            url("send?x=1").unwrap(),
+            "https://api.example.com/v1/send?x=1"
+        );
+        assert_eq!(
+            url("//evil.example/x").unwrap(),
+            "https://api.example.com/v1//evil.example/x"
+        );
+        assert_eq!(
+            url("@evil.example").unwrap(),
+            "https://api.example.com/v1/@evil.example"
+        );
+        assert_eq!(
+            url("https://evil.example/").unwrap_err().code(),
+            "host-denied"
+        );
+        assert_eq!(
+            url("HTTP://evil.example/").unwrap_err().code(),
+            "host-denied"
+        );
+        let c =
+            build("url = \"https://api.example.com\"\nallow_absolute_address = true\n").unwrap();
+        let url = |a: &str| c.url_for(&msg(a)).map(|u| u.to_string());
+        assert_eq!(
+            url("https://other.example/x").unwrap(),
+            "https://other.example/x"
+        );
+        assert_eq!(
+            url("http://169.254.169.254/latest").unwrap_err().code(),
+            "host-denied"
+        );
+        assert_eq!(url("http://[fd00::1]/").unwrap_err().code(), "host-denied");
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}
