@@ -81,6 +81,28 @@ pub struct OutcomeRow {
     pub reply: Option<String>,
 }
 
+impl OutcomeRow {
+    /// A copy whose texts PostgreSQL accepts (NUL replaced by U+FFFD).
+    pub fn storable(&self) -> OutcomeRow {
+        fn clean(s: &Option<String>) -> Option<String> {
+            s.as_ref().map(|t| {
+                if t.contains('\0') {
+                    t.replace('\0', "\u{FFFD}")
+                } else {
+                    t.clone()
+                }
+            })
+        }
+        OutcomeRow {
+            error_code: clean(&self.error_code),
+            error_text: clean(&self.error_text),
+            provider_id: clean(&self.provider_id),
+            reply: clean(&self.reply),
+            ..self.clone()
+        }
+    }
+}
+
 /// The pool and the timeout every call obeys.
 #[derive(Clone)]
 pub struct Db {
@@ -194,7 +216,11 @@ impl Db {
     }
 
     /// Records a batch of outcomes in one round trip; returns how many messages changed state.
+    /// Texts are made storable first: PostgreSQL `text` cannot hold NUL, and one provider's odd
+    /// reply must not keep a whole batch from being recorded.
     pub async fn record_outcomes(&self, worker: &str, rows: &[OutcomeRow]) -> Result<i64, DbError> {
+        let clean: Vec<OutcomeRow> = rows.iter().map(OutcomeRow::storable).collect();
+        let rows = clean.as_slice();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome).collect();
         let codes: Vec<Option<&str>> = rows.iter().map(|r| r.error_code.as_deref()).collect();
@@ -251,5 +277,29 @@ impl Db {
             Ok(row.get(0))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_bytes_are_replaced_before_recording() {
+        let row = OutcomeRow {
+            id: Uuid::nil(),
+            outcome: "done",
+            error_code: None,
+            error_text: Some("a\0b".into()),
+            remote_status: None,
+            provider_id: Some("p\0".into()),
+            duration_ms: 1,
+            retry_delay_ms: None,
+            reply: Some("\0".into()),
+        };
+        let s = row.storable();
+        assert_eq!(s.error_text.as_deref(), Some("a\u{FFFD}b"));
+        assert_eq!(s.provider_id.as_deref(), Some("p\u{FFFD}"));
+        assert_eq!(s.reply.as_deref(), Some("\u{FFFD}"));
     }
 }

@@ -456,6 +456,16 @@ async fn record_loop(
         loop {
             match shared.db.record_outcomes(&shared.worker, &batch).await {
                 Ok(_) => break,
+                // A data error (SQLSTATE class 22/23) will not go away by retrying: find the row
+                // that causes it and record that one without its texts.
+                Err(e)
+                    if e.code()
+                        .is_some_and(|c| c.starts_with("22") || c.starts_with("23")) =>
+                {
+                    tracing::error!(error = %e, count = batch.len(), "an outcome cannot be stored as is; recording one by one");
+                    record_one_by_one(&shared, &batch).await;
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, count = batch.len(), retry_in = ?backoff, "recording outcomes failed");
                     tokio::time::sleep(backoff).await;
@@ -484,6 +494,31 @@ async fn record_loop(
         }
         batch.clear();
         permits.clear();
+    }
+}
+
+/// The slow path of [`record_loop`]: each row alone, and a row that still fails without the texts
+/// that came from the provider (its lease expires and it is retried if even that fails).
+async fn record_one_by_one(shared: &Shared, batch: &[OutcomeRow]) {
+    for row in batch {
+        let single = std::slice::from_ref(row);
+        if shared
+            .db
+            .record_outcomes(&shared.worker, single)
+            .await
+            .is_ok()
+        {
+            continue;
+        }
+        let bare = OutcomeRow {
+            error_text: Some("(the provider's text could not be stored)".into()),
+            provider_id: None,
+            reply: None,
+            ..row.clone()
+        };
+        if let Err(e) = shared.db.record_outcomes(&shared.worker, &[bare]).await {
+            tracing::error!(message_id = %row.id, error = %e, "cannot record the outcome; the lease will expire and the message be retried");
+        }
     }
 }
 
