@@ -395,3 +395,29 @@ async fn profiles_are_checked_at_build_and_healthcheck_sends_nothing() {
     // The secret never shows in errors.
     assert!(!err.contains("BEGIN"));
 }
+
+#[test]
+fn the_example_profile_documents_only_real_keys() {
+    let text = include_str!("../conf/fcm.conf");
+    // Uncomment every documented key: each must be one the connector accepts.
+    let all: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    for key in ["service_account_env", "project_id", "endpoint", "token_uri"] {
+        assert!(all.contains(&format!("\n{key} = ")), "{key} is documented");
+    }
+    let profiles = outboxd::config::parse_profiles("fcm", &all, "fcm.conf").unwrap();
+    assert_eq!(profiles.len(), 1);
+    assert_eq!(profiles[0].1.common.retry[0], Duration::from_secs(60));
+}
