@@ -314,6 +314,38 @@ async fn third_party_auth_error_is_permanent_and_keeps_the_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assertion_signed_by_another_key_is_denied() {
+    let db = TestDb::new().await;
+    let fcm = FcmDouble::start().await;
+    let keys = TestConfig::new(&db, &[]);
+    let key = keys.path("service-account.json");
+    std::fs::write(
+        &key,
+        fcm.service_account_json_with(&double::impostor_key().private_pem),
+    )
+    .unwrap();
+    let tc = TestConfig::new(&db, &[("fcm", &fcm_conf(&fcm, &key, ""))]);
+    let d = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let id = send_fcm(&c, "d", &json!({"message": {}})).await;
+    assert_eq!(
+        wait_final(&c, id).await,
+        "failed",
+        "{:?}",
+        attempts(&c, id).await
+    );
+    assert_eq!(
+        attempts(&c, id).await,
+        vec![attempt(1, "failed", Some("token-denied"), Some(400))]
+    );
+    let rejections = fcm.token_rejections();
+    assert_eq!(rejections.len(), 1);
+    assert!(rejections[0].contains("signature"), "{rejections:?}");
+    assert_eq!(fcm.sent().len(), 0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_messages_on_a_cold_cache_fetch_one_token() {
     let db = TestDb::new().await;
     let fcm = FcmDouble::start().await;

@@ -19,18 +19,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::http::{classify_status, classify_transport, parse_retry_after, read_limited, truncate};
-use super::token::{self, Token, TokenCache, TokenSource};
+use super::token::{self, TokenCache};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
 
+mod auth;
+use auth::{load_key, JwtGrant};
+
 const DEFAULT_ENDPOINT: &str = "https://fcm.googleapis.com";
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
-const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
-const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Enough for any FCM or token endpoint answer; a larger body is cut, not buffered whole.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// The fields of `message` that name a recipient; FCM wants exactly one.
@@ -77,156 +78,6 @@ impl FcmConfig {
             "service_account_file"
         }
     }
-}
-
-/// The fields of a service-account key file we use (Google's file has more; they are ignored).
-#[derive(Debug, Deserialize)]
-struct ServiceAccountKey {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    project_id: Option<String>,
-    private_key_id: Option<String>,
-    private_key: Secret,
-    client_email: String,
-    token_uri: Option<String>,
-}
-
-/// Reads and parses the key; checks the private key can sign.
-fn load_key(cfg: &FcmConfig) -> Result<(ServiceAccountKey, jsonwebtoken::EncodingKey), String> {
-    let text = cfg
-        .key_source()
-        .resolve("service_account")?
-        .ok_or_else(|| {
-            "no service-account key: set service_account_file, service_account_env or \
-         service_account"
-                .to_string()
-        })?;
-    // serde_json's message gives line and column only, never the key's text.
-    let key: ServiceAccountKey = serde_json::from_str(text.expose())
-        .map_err(|e| format!("the service-account key is not valid key JSON: {e}"))?;
-    if let Some(kind) = key.kind.as_deref().filter(|k| *k != "service_account") {
-        return Err(format!(
-            "the key is of type \"{kind}\", FCM needs a \"service_account\" key"
-        ));
-    }
-    if key.client_email.trim().is_empty() {
-        return Err("the service-account key has an empty client_email".into());
-    }
-    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(key.private_key.expose().as_bytes())
-        .map_err(|e| format!("private_key is not an RSA key in PEM: {e}"))?;
-    // The PEM parser does not parse the RSA key itself: sign once so a broken key shows up in
-    // check-config, not at the first send.
-    sign_assertion(&key, &signing, "https://check.invalid/token")
-        .map_err(|e| format!("private_key cannot sign: {e}"))?;
-    Ok((key, signing))
-}
-
-#[derive(Serialize)]
-struct Claims<'a> {
-    iss: &'a str,
-    scope: &'a str,
-    aud: &'a str,
-    iat: u64,
-    exp: u64,
-}
-
-/// The signed JWT of the service-account grant (RFC 7523; Google's header carries the key id).
-fn sign_assertion(
-    key: &ServiceAccountKey,
-    signing: &jsonwebtoken::EncodingKey,
-    token_uri: &str,
-) -> Result<String, jsonwebtoken::errors::Error> {
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = key.private_key_id.clone();
-    let iat = chrono::Utc::now().timestamp().max(0) as u64;
-    let claims = Claims {
-        iss: &key.client_email,
-        scope: SCOPE,
-        aud: token_uri,
-        iat,
-        // Google's ceiling is one hour.
-        exp: iat + 3600,
-    };
-    jsonwebtoken::encode(&header, &claims, signing)
-}
-
-/// Fetches access tokens with the JWT grant.
-// Not yup-oauth2 (evaluated, v12): its JWT header has no `kid`, it keeps a cache of its own that
-// ours would have to bypass, and it debug-logs the assertion and the token response via `log`.
-struct JwtGrant {
-    client: reqwest::Client,
-    key: ServiceAccountKey,
-    signing: jsonwebtoken::EncodingKey,
-    token_uri: String,
-}
-
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    expires_in: Option<u64>,
-}
-
-#[async_trait]
-impl TokenSource for JwtGrant {
-    async fn fetch(&self) -> Result<Token, DeliveryError> {
-        let assertion = sign_assertion(&self.key, &self.signing, &self.token_uri).map_err(|e| {
-            DeliveryError::permanent("bad-credentials", format!("cannot sign: {e}"))
-        })?;
-        let resp = self
-            .client
-            .post(&self.token_uri)
-            .form(&[
-                ("grant_type", GRANT_TYPE),
-                ("assertion", assertion.as_str()),
-            ])
-            .send()
-            .await
-            .map_err(|e| token_transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = read_limited(resp, MAX_RESPONSE_BYTES)
-            .await
-            .map_err(|e| token_transport(&e))?;
-        let text = String::from_utf8_lossy(&bytes);
-        if status.is_success() {
-            let t: TokenResponse = serde_json::from_str(&text).map_err(|e| {
-                DeliveryError::retry(
-                    "token-fetch",
-                    format!("the token endpoint answered {status} without an access_token: {e}"),
-                )
-            })?;
-            return Ok(Token {
-                value: Secret::new(t.access_token),
-                expires_in: Duration::from_secs(t.expires_in.unwrap_or(3600)),
-            });
-        }
-        // RFC 6749 §5.2: {"error": "...", "error_description": "..."}.
-        let why = serde_json::from_str::<Value>(&text)
-            .ok()
-            .map(|v| {
-                let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                format!("{} {}", field("error"), field("error_description"))
-            })
-            .filter(|s| !s.trim().is_empty())
-            .unwrap_or_else(|| truncate(&text, 256).to_string());
-        let reason = format!("the token endpoint answered {status}: {}", why.trim());
-        if retryable_status(status) {
-            Err(DeliveryError::retry("token-fetch", reason)
-                .with_retry_after(parse_retry_after(&headers))
-                .with_status(status.as_u16()))
-        } else {
-            // A deleted key, a disabled account, a wrong token_uri: an operator must act.
-            Err(DeliveryError::permanent("token-denied", reason).with_status(status.as_u16()))
-        }
-    }
-}
-
-fn token_transport(e: &reqwest::Error) -> DeliveryError {
-    let inner = classify_transport(e);
-    DeliveryError::retry(
-        "token-fetch",
-        format!("token endpoint: {}: {}", inner.code(), inner.reason()),
-    )
 }
 
 /// RFC 9110 / house style: 408, 429 and 5xx except 501 are worth retrying.
@@ -311,12 +162,6 @@ impl FcmConnector {
             cfg: cfg.clone(),
             tokens,
         })
-    }
-
-    /// How many access tokens this connector's cache fetched (shared with other profiles of the
-    /// same service account).
-    pub fn token_fetches(&self) -> u64 {
-        self.tokens.fetch_count()
     }
 
     async fn post(
@@ -551,166 +396,4 @@ impl Connector for FcmConnector {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use reqwest::header::{HeaderValue, RETRY_AFTER};
-
-    fn fcm_error(code: u16, status: &str, error_code: Option<&str>) -> String {
-        let details = error_code.map_or(String::new(), |c| {
-            format!(
-                r#","details":[{{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"{c}"}}]"#
-            )
-        });
-        format!(r#"{{"error":{{"code":{code},"message":"m","status":"{status}"{details}}}}}"#)
-    }
-
-    #[test]
-    fn errors_are_classified_from_error_code_then_status() {
-        let mut h = HeaderMap::new();
-        h.insert(RETRY_AFTER, HeaderValue::from_static("61"));
-        let cases = [
-            (
-                404,
-                "NOT_FOUND",
-                Some("UNREGISTERED"),
-                false,
-                "fcm-unregistered",
-            ),
-            (
-                400,
-                "INVALID_ARGUMENT",
-                Some("INVALID_ARGUMENT"),
-                false,
-                "fcm-invalid-argument",
-            ),
-            (
-                403,
-                "PERMISSION_DENIED",
-                Some("SENDER_ID_MISMATCH"),
-                false,
-                "fcm-sender-id-mismatch",
-            ),
-            (
-                401,
-                "UNAUTHENTICATED",
-                Some("THIRD_PARTY_AUTH_ERROR"),
-                false,
-                "fcm-third-party-auth-error",
-            ),
-            (
-                429,
-                "RESOURCE_EXHAUSTED",
-                Some("QUOTA_EXCEEDED"),
-                true,
-                "fcm-quota-exceeded",
-            ),
-            (
-                503,
-                "UNAVAILABLE",
-                Some("UNAVAILABLE"),
-                true,
-                "fcm-unavailable",
-            ),
-            (500, "INTERNAL", Some("INTERNAL"), true, "fcm-internal"),
-            // No FcmError: the status decides.
-            (503, "UNAVAILABLE", None, true, "fcm-unavailable"),
-            (404, "NOT_FOUND", None, false, "fcm-not-found"),
-            // errorCode wins over a contradicting status.
-            (
-                500,
-                "INTERNAL",
-                Some("UNREGISTERED"),
-                false,
-                "fcm-unregistered",
-            ),
-        ];
-        for (http, status, code, retry, want) in cases {
-            let e = classify(
-                StatusCode::from_u16(http).unwrap(),
-                &h,
-                &fcm_error(http, status, code),
-            );
-            assert_eq!(e.code(), want, "{http} {status} {code:?}");
-            assert_eq!(e.is_retry(), retry, "{want}");
-            assert_eq!(e.remote_status(), Some(http as i32));
-            if let DeliveryError::Retry { retry_after, .. } = &e {
-                assert_eq!(*retry_after, Some(Duration::from_secs(61)), "{want}");
-            }
-        }
-        // Not an FCM error body: the house HTTP classification.
-        let e = classify(StatusCode::BAD_GATEWAY, &h, "<html>");
-        assert_eq!((e.code(), e.is_retry()), ("http-502", true));
-    }
-
-    #[test]
-    fn only_a_401_without_fcm_error_means_a_stale_token() {
-        let u = StatusCode::UNAUTHORIZED;
-        assert!(is_stale_token(u, &fcm_error(401, "UNAUTHENTICATED", None)));
-        assert!(is_stale_token(u, "not json"));
-        assert!(!is_stale_token(
-            u,
-            &fcm_error(401, "UNAUTHENTICATED", Some("THIRD_PARTY_AUTH_ERROR"))
-        ));
-        assert!(!is_stale_token(StatusCode::FORBIDDEN, "{}"));
-    }
-
-    #[test]
-    fn content_is_checked_and_the_address_fills_the_token() {
-        let b = prepare_body(
-            r#"{"message":{"notification":{"title":"t"}}}"#,
-            Some(" dev-1 "),
-        )
-        .unwrap();
-        assert_eq!(b["message"]["token"], "dev-1");
-        let b = prepare_body(
-            r#"{"validate_only":true,"message":{"topic":"news","data":{"a":"1"}}}"#,
-            Some("ignored"),
-        )
-        .unwrap();
-        assert_eq!(b["message"].get("token"), None);
-        assert_eq!(b["validate_only"], true);
-        let bad = |content: &str, addr: Option<&str>| prepare_body(content, addr).unwrap_err();
-        for (content, needle) in [
-            ("{not json", "not valid JSON"),
-            ("[]", "JSON object"),
-            (r#"{"msg":{}}"#, "unknown field \"msg\""),
-            (r#"{"message":{"token":"a","topic":"b"}}"#, "token, topic"),
-            (r#"{"message":{"token":""}}"#, "non-empty"),
-            (
-                r#"{"message":{"token":"a","data":{"n":42}}}"#,
-                "message.data.n is a number",
-            ),
-            (
-                r#"{"message":{"token":"a","data":["x"]}}"#,
-                "object of strings",
-            ),
-            (
-                r#"{"message":{"token":"a","android":{"data":{"b":true}}}}"#,
-                "android.data.b",
-            ),
-            (
-                r#"{"validate_only":"yes","message":{"token":"a"}}"#,
-                "validate_only",
-            ),
-        ] {
-            let e = bad(content, Some("x"));
-            assert_eq!(e.code(), "bad-content", "{content}");
-            assert!(!e.is_retry());
-            assert!(e.reason().contains(needle), "{content}: {}", e.reason());
-        }
-        assert_eq!(bad(r#"{"message":{}}"#, None).code(), "bad-address");
-        assert_eq!(
-            bad(r#"{"message":{"topic":null}}"#, Some(" ")).code(),
-            "bad-address"
-        );
-    }
-
-    #[test]
-    fn profiles_reject_unknown_keys() {
-        let t: toml::Table = "service_account_file = \"k.json\"\nproject = \"p\""
-            .parse()
-            .unwrap();
-        let e = toml::Value::Table(t).try_into::<FcmConfig>().unwrap_err();
-        assert!(e.to_string().contains("unknown field `project`"), "{e}");
-    }
-}
+mod tests;

@@ -32,19 +32,28 @@ pub struct TestKey {
     pub public_pem: String,
 }
 
+fn generate() -> TestKey {
+    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("RSA key");
+    TestKey {
+        private_pem: key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
+        public_pem: key
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap(),
+    }
+}
+
+/// The service account's key: the token endpoint knows its public half.
 pub fn test_key() -> &'static TestKey {
     static KEY: OnceLock<TestKey> = OnceLock::new();
-    KEY.get_or_init(|| {
-        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
-        let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("RSA key");
-        TestKey {
-            private_pem: key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
-            public_pem: key
-                .to_public_key()
-                .to_public_key_pem(LineEnding::LF)
-                .unwrap(),
-        }
-    })
+    KEY.get_or_init(generate)
+}
+
+/// Another key, unknown to the token endpoint.
+pub fn impostor_key() -> &'static TestKey {
+    static KEY: OnceLock<TestKey> = OnceLock::new();
+    KEY.get_or_init(generate)
 }
 
 /// How the send endpoint answers a well-formed, authorised request.
@@ -150,11 +159,16 @@ impl FcmDouble {
 
     /// The service-account key file's JSON, as Firebase hands it out, with `token_uri` here.
     pub fn service_account_json(&self) -> String {
+        self.service_account_json_with(&test_key().private_pem)
+    }
+
+    /// The same file with another private key in it.
+    pub fn service_account_json_with(&self, private_pem: &str) -> String {
         json!({
             "type": "service_account",
             "project_id": self.project_id,
             "private_key_id": self.key_id,
-            "private_key": test_key().private_pem,
+            "private_key": private_pem,
             "client_email": self.client_email,
             "client_id": "1234567890",
             "auth_uri": "https://accounts.google.com/o/oauth2/auth",
