@@ -7,6 +7,7 @@
 //! One connector object exists per (kind, profile), so per-profile state (clients, pools, token
 //! caches) lives in the object.
 
+pub mod fcm;
 pub mod file;
 pub mod http;
 pub mod token;
@@ -170,11 +171,12 @@ pub trait Connector: Send + Sync {
 #[allow(clippy::large_enum_variant)] // parsed once per profile: size does not matter
 pub enum ConnectorConfig {
     File(file::FileConfig),
+    Fcm(fcm::FcmConfig),
     Http(http::HttpConfig),
 }
 
 /// Connector kinds outboxd knows, as written in `[connectors]`.
-pub const KINDS: &[&str] = &["file", "http"];
+pub const KINDS: &[&str] = &["file", "http", "fcm"];
 
 impl ConnectorConfig {
     /// Parses one profile table of a `<kind>.conf` file.
@@ -182,6 +184,7 @@ impl ConnectorConfig {
         let value = toml::Value::Table(table);
         match kind {
             "file" => value.try_into().map(ConnectorConfig::File),
+            "fcm" => value.try_into().map(ConnectorConfig::Fcm),
             "http" => value.try_into().map(ConnectorConfig::Http),
             other => {
                 return Err(format!(
@@ -197,6 +200,7 @@ impl ConnectorConfig {
     pub fn build(&self, profile: &str) -> Result<std::sync::Arc<dyn Connector>, ConfigError> {
         Ok(match self {
             ConnectorConfig::File(c) => std::sync::Arc::new(file::FileConnector::new(profile, c)?),
+            ConnectorConfig::Fcm(c) => std::sync::Arc::new(fcm::FcmConnector::new(profile, c)?),
             ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
         })
     }

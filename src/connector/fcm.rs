@@ -1,0 +1,399 @@
+//! The Firebase Cloud Messaging HTTP v1 connector (agent `fcm.agent`): the message's content is
+//! the FCM v1 request body (`{"message":{…}}`, optionally `"validate_only"`) as Apostol produces
+//! it; the message's `address` supplies `message.token` when the body names no target.
+//!
+//! Auth is the OAuth2 service-account JWT grant (RS256 assertion, scope `firebase.messaging`)
+//! against the key's `token_uri`; access tokens live in the shared [`TokenCache`], one per service
+//! account across profiles, refreshed every 55 minutes and when FCM answers 401 without an
+//! `FcmError` (then the request is retried once at once; a second 401 is `token-invalid`).
+//!
+//! Invariants: the content is checked before any network call (one target, string data values),
+//! so a malformed message fails with `bad-content` without fetching a token; errors are classified
+//! from `error.details[].errorCode` first, then `error.status`, then the HTTP status; `healthcheck`
+//! only re-reads and parses the key. Facts: shared/providers.md §2.7.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::http::{classify_status, classify_transport, parse_retry_after, read_limited, truncate};
+use super::token::{self, TokenCache};
+use super::{Connector, DeliveryError, OutboxMessage, Receipt};
+use crate::config::{ConfigError, Dur, Secret, SecretSource};
+
+mod auth;
+use auth::{load_key, JwtGrant};
+
+const DEFAULT_ENDPOINT: &str = "https://fcm.googleapis.com";
+const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// Enough for any FCM or token endpoint answer; a larger body is cut, not buffered whole.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// The fields of `message` that name a recipient; FCM wants exactly one.
+const TARGETS: [&str; 3] = ["token", "topic", "condition"];
+
+/// An `fcm` profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    /// The service-account key (the JSON file Firebase hands out), inline…
+    pub service_account: Option<Secret>,
+    /// …or the name of an environment variable holding that JSON…
+    pub service_account_env: Option<String>,
+    /// …or the path of that JSON file. One of the three is required.
+    pub service_account_file: Option<PathBuf>,
+    /// Firebase project id. Default: the key's `project_id`.
+    pub project_id: Option<String>,
+    /// Base URL of FCM; requests go to `<endpoint>/v1/projects/<project_id>/messages:send`.
+    /// Default `https://fcm.googleapis.com`.
+    pub endpoint: Option<String>,
+    /// OAuth2 token endpoint. Default: the key's `token_uri`, else
+    /// `https://oauth2.googleapis.com/token`.
+    pub token_uri: Option<String>,
+    /// Request timeout for FCM and the token endpoint (common key). Default 30s.
+    pub timeout: Option<Dur>,
+}
+
+impl FcmConfig {
+    fn key_source(&self) -> SecretSource {
+        SecretSource {
+            value: self.service_account.clone(),
+            env: self.service_account_env.clone(),
+            file: self.service_account_file.clone(),
+        }
+    }
+
+    /// The config key errors about the service account point at.
+    fn key_name(&self) -> &'static str {
+        if self.service_account.is_some() {
+            "service_account"
+        } else if self.service_account_env.is_some() {
+            "service_account_env"
+        } else {
+            "service_account_file"
+        }
+    }
+}
+
+/// RFC 9110 / house style: 408, 429 and 5xx except 501 are worth retrying.
+fn retryable_status(s: StatusCode) -> bool {
+    s == StatusCode::REQUEST_TIMEOUT
+        || s == StatusCode::TOO_MANY_REQUESTS
+        || (s.is_server_error() && s != StatusCode::NOT_IMPLEMENTED)
+}
+
+pub struct FcmConnector {
+    name: String,
+    client: reqwest::Client,
+    send_url: String,
+    cfg: FcmConfig,
+    tokens: Arc<TokenCache>,
+}
+
+impl FcmConnector {
+    pub fn new(profile: &str, cfg: &FcmConfig) -> Result<Self, ConfigError> {
+        let err = |key: &str, msg: String| {
+            ConfigError::new("fcm.conf", Some(format!("{profile}.{key}")), msg)
+        };
+        let (key, signing) = load_key(cfg).map_err(|m| err(cfg.key_name(), m))?;
+        let project_id = cfg
+            .project_id
+            .clone()
+            .or_else(|| key.project_id.clone())
+            .filter(|p| !p.trim().is_empty())
+            .ok_or_else(|| {
+                err(
+                    "project_id",
+                    "not set, and the service-account key has no project_id".into(),
+                )
+            })?;
+        // Project ids are lower-case letters, digits and hyphens; anything else would change the
+        // request path.
+        if !project_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ':' || c == '.')
+        {
+            return Err(err(
+                "project_id",
+                format!("invalid project id \"{project_id}\""),
+            ));
+        }
+        let endpoint = cfg.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
+        url::Url::parse(endpoint).map_err(|e| err("endpoint", format!("invalid URL: {e}")))?;
+        let token_uri = cfg
+            .token_uri
+            .clone()
+            .or_else(|| key.token_uri.clone())
+            .unwrap_or_else(|| DEFAULT_TOKEN_URI.into());
+        url::Url::parse(&token_uri).map_err(|e| err("token_uri", format!("invalid URL: {e}")))?;
+        let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| err("endpoint", format!("cannot build the HTTP client: {e}")))?;
+        // One cache per service account; the key id is part of the name so that a rotated key
+        // loaded by a reload does not keep using tokens cached for the old one.
+        let cache_key = format!(
+            "fcm:{}#{}",
+            key.client_email,
+            key.private_key_id.as_deref().unwrap_or("")
+        );
+        let source = JwtGrant {
+            client: client.clone(),
+            key,
+            signing,
+            token_uri,
+        };
+        let tokens = token::shared(&cache_key, || TokenCache::new(source));
+        Ok(FcmConnector {
+            name: format!("fcm/{profile}"),
+            client,
+            send_url: format!(
+                "{}/v1/projects/{project_id}/messages:send",
+                endpoint.trim_end_matches('/')
+            ),
+            cfg: cfg.clone(),
+            tokens,
+        })
+    }
+
+    async fn post(
+        &self,
+        token: &Secret,
+        body: &[u8],
+    ) -> Result<(StatusCode, HeaderMap, String), DeliveryError> {
+        let resp = self
+            .client
+            .post(&self.send_url)
+            .bearer_auth(token.expose())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| classify_transport(&e))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = read_limited(resp, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| classify_transport(&e))?;
+        Ok((
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ))
+    }
+}
+
+fn bad_content(reason: impl Into<String>) -> DeliveryError {
+    DeliveryError::permanent("bad-content", reason)
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// FCM's `data` maps take string values only (a number is a 400 `TYPE_STRING`).
+fn check_string_map(map: Option<&Value>, path: &str) -> Result<(), DeliveryError> {
+    let Some(v) = map else { return Ok(()) };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad_content(format!("{path} must be an object of strings")))?;
+    for (k, v) in obj {
+        if !v.is_string() {
+            return Err(bad_content(format!(
+                "{path}.{k} is {}; FCM data values must be strings",
+                json_kind(v)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the content as FCM would and fills the target from `address`; returns the body to send.
+fn prepare_body(content: &str, address: Option<&str>) -> Result<Value, DeliveryError> {
+    let mut body: Value = serde_json::from_str(content)
+        .map_err(|e| bad_content(format!("content is not valid JSON: {e}")))?;
+    let top = body
+        .as_object_mut()
+        .ok_or_else(|| bad_content("content must be a JSON object {\"message\": {…}}"))?;
+    if let Some(k) = top
+        .keys()
+        .find(|k| k.as_str() != "message" && k.as_str() != "validate_only")
+    {
+        return Err(bad_content(format!(
+            "unknown field \"{k}\" (an FCM v1 request has message and validate_only)"
+        )));
+    }
+    if top.get("validate_only").is_some_and(|v| !v.is_boolean()) {
+        return Err(bad_content("validate_only must be true or false"));
+    }
+    let message: &mut Map<String, Value> = top
+        .get_mut("message")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| bad_content("content has no \"message\" object"))?;
+    message.retain(|k, v| !(TARGETS.contains(&k.as_str()) && v.is_null()));
+    let named: Vec<&str> = TARGETS
+        .into_iter()
+        .filter(|t| message.contains_key(*t))
+        .collect();
+    match named.as_slice() {
+        [] => {
+            let token = address
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| {
+                    DeliveryError::permanent(
+                    "bad-address",
+                    "the message names no target (token, topic or condition) and has no address",
+                )
+                })?;
+            message.insert("token".into(), Value::String(token.into()));
+        }
+        [one] => {
+            if !message[*one].as_str().is_some_and(|s| !s.trim().is_empty()) {
+                return Err(bad_content(format!(
+                    "message.{one} must be a non-empty string"
+                )));
+            }
+        }
+        many => {
+            return Err(bad_content(format!(
+                "exactly one target is allowed, the message names {}",
+                many.join(", ")
+            )))
+        }
+    }
+    check_string_map(message.get("data"), "message.data")?;
+    check_string_map(
+        message.get("android").and_then(|a| a.get("data")),
+        "message.android.data",
+    )?;
+    Ok(body)
+}
+
+/// `error.details[].errorCode` (the `FcmError`), else `error.status`, with `error.message`.
+fn error_name(text: &str) -> Option<(Option<String>, Option<String>, String)> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    let e = v.get("error")?.as_object()?;
+    let code = e
+        .get("details")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find_map(|d| d.get("errorCode")?.as_str())
+        .map(str::to_string);
+    let status = e.get("status").and_then(Value::as_str).map(str::to_string);
+    let message = e
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    Some((code, status, message))
+}
+
+/// FCM rejected our OAuth token (401 without an `FcmError`, which would be a credential problem
+/// of the Firebase project instead, e.g. `THIRD_PARTY_AUTH_ERROR`).
+fn is_stale_token(status: StatusCode, text: &str) -> bool {
+    status == StatusCode::UNAUTHORIZED && error_name(text).and_then(|(code, ..)| code).is_none()
+}
+
+/// Classifies an FCM error answer (providers.md §2.7 and table 3.3).
+fn classify(status: StatusCode, headers: &HeaderMap, text: &str) -> DeliveryError {
+    let Some((code, rpc_status, message)) = error_name(text) else {
+        return classify_status(status, text, headers);
+    };
+    let Some(name) = code.or(rpc_status).filter(|n| !n.is_empty()) else {
+        return classify_status(status, text, headers);
+    };
+    let retry = match name.as_str() {
+        "UNREGISTERED"
+        | "INVALID_ARGUMENT"
+        | "SENDER_ID_MISMATCH"
+        | "THIRD_PARTY_AUTH_ERROR"
+        | "APNS_AUTH_ERROR"
+        | "NOT_FOUND"
+        | "PERMISSION_DENIED"
+        | "UNAUTHENTICATED"
+        | "FAILED_PRECONDITION" => false,
+        "QUOTA_EXCEEDED" | "RESOURCE_EXHAUSTED" | "UNAVAILABLE" | "INTERNAL"
+        | "DEADLINE_EXCEEDED" | "ABORTED" => true,
+        _ => retryable_status(status),
+    };
+    let code = format!("fcm-{}", name.to_ascii_lowercase().replace('_', "-"));
+    let reason = format!(
+        "HTTP {} {name}: {}",
+        status.as_u16(),
+        truncate(if message.is_empty() { text } else { &message }, 256)
+    );
+    if retry {
+        DeliveryError::retry(code, reason)
+            .with_retry_after(parse_retry_after(headers))
+            .with_status(status.as_u16())
+    } else {
+        DeliveryError::permanent(code, reason).with_status(status.as_u16())
+    }
+}
+
+#[async_trait]
+impl Connector for FcmConnector {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        let body = prepare_body(msg.content_required()?, msg.address.as_deref())?;
+        let body = serde_json::to_vec(&body).expect("a JSON value serializes");
+        let token = self.tokens.get().await?;
+        let (mut status, mut headers, mut text) = self.post(&token, &body).await?;
+        if is_stale_token(status, &text) {
+            tracing::info!(connector = %self.name, "FCM rejected the access token; fetching a new one and sending again");
+            self.tokens.invalidate(&token).await;
+            let fresh = self.tokens.get().await?;
+            (status, headers, text) = self.post(&fresh, &body).await?;
+            if is_stale_token(status, &text) {
+                return Err(DeliveryError::retry(
+                    "token-invalid",
+                    format!(
+                        "FCM rejected a freshly fetched access token: {}",
+                        truncate(&text, 256)
+                    ),
+                )
+                .with_status(status.as_u16()));
+            }
+        }
+        if !status.is_success() {
+            return Err(classify(status, &headers, &text));
+        }
+        let name = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("name")?.as_str().map(str::to_string));
+        Ok(Receipt {
+            provider_id: name,
+            remote_status: Some(status.as_u16() as i32),
+            reply: None,
+        })
+    }
+
+    async fn healthcheck(&self) -> Result<(), DeliveryError> {
+        load_key(&self.cfg)
+            .map(|_| ())
+            .map_err(|m| DeliveryError::permanent("bad-credentials", m))
+    }
+}
+
+#[cfg(test)]
+mod tests;
