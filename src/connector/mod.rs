@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod http;
+pub mod m2m;
 pub mod token;
 
 use std::time::Duration;
@@ -170,10 +171,11 @@ pub trait Connector: Send + Sync {
 pub enum ConnectorConfig {
     File(file::FileConfig),
     Http(http::HttpConfig),
+    M2m(m2m::M2mConfig),
 }
 
 /// Connector kinds outboxd knows, as written in `[connectors]`.
-pub const KINDS: &[&str] = &["file", "http"];
+pub const KINDS: &[&str] = &["file", "http", "m2m"];
 
 impl ConnectorConfig {
     /// Parses one profile table of a `<kind>.conf` file.
@@ -182,6 +184,7 @@ impl ConnectorConfig {
         match kind {
             "file" => value.try_into().map(ConnectorConfig::File),
             "http" => value.try_into().map(ConnectorConfig::Http),
+            "m2m" => value.try_into().map(ConnectorConfig::M2m),
             other => {
                 return Err(format!(
                     "unknown connector kind \"{other}\" (known: {})",
@@ -197,6 +200,7 @@ impl ConnectorConfig {
         Ok(match self {
             ConnectorConfig::File(c) => std::sync::Arc::new(file::FileConnector::new(profile, c)?),
             ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
+            ConnectorConfig::M2m(c) => std::sync::Arc::new(m2m::M2mConnector::new(profile, c)?),
         })
     }
 }
