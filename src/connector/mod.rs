@@ -10,6 +10,7 @@
 pub mod file;
 pub mod http;
 pub mod m2m;
+pub mod sba;
 pub mod token;
 
 use std::time::Duration;
@@ -172,10 +173,11 @@ pub enum ConnectorConfig {
     File(file::FileConfig),
     Http(http::HttpConfig),
     M2m(m2m::M2mConfig),
+    Sba(sba::SbaConfig),
 }
 
 /// Connector kinds outboxd knows, as written in `[connectors]`.
-pub const KINDS: &[&str] = &["file", "http", "m2m"];
+pub const KINDS: &[&str] = &["file", "http", "m2m", "sba"];
 
 impl ConnectorConfig {
     /// Parses one profile table of a `<kind>.conf` file.
@@ -185,6 +187,7 @@ impl ConnectorConfig {
             "file" => value.try_into().map(ConnectorConfig::File),
             "http" => value.try_into().map(ConnectorConfig::Http),
             "m2m" => value.try_into().map(ConnectorConfig::M2m),
+            "sba" => value.try_into().map(ConnectorConfig::Sba),
             other => {
                 return Err(format!(
                     "unknown connector kind \"{other}\" (known: {})",
@@ -201,6 +204,7 @@ impl ConnectorConfig {
             ConnectorConfig::File(c) => std::sync::Arc::new(file::FileConnector::new(profile, c)?),
             ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
             ConnectorConfig::M2m(c) => std::sync::Arc::new(m2m::M2mConnector::new(profile, c)?),
+            ConnectorConfig::Sba(c) => std::sync::Arc::new(sba::SbaConnector::new(profile, c)?),
         })
     }
 }
