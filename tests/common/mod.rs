@@ -3,6 +3,8 @@
 //! behaviour, and a bounded wait helper (no bare sleeps).
 #![allow(dead_code)]
 
+pub mod m2m_double;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
