@@ -750,6 +750,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_profiles_parse() {
+        let text = include_str!("../../conf/m2m.conf");
+        let profiles = crate::config::parse_profiles("m2m", text, "m2m.conf").unwrap();
+        assert_eq!(profiles.len(), 2);
+    }
+
+    #[test]
     fn md5_is_lower_hex() {
         assert_eq!(md5_hex("password"), "5f4dcc3b5aa765d61d8327deb882cf99");
     }

@@ -517,6 +517,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_profiles_parse() {
+        let text = include_str!("../../conf/sba.conf");
+        let profiles = crate::config::parse_profiles("sba", text, "sba.conf").unwrap();
+        assert_eq!(profiles.len(), 1);
+    }
+
+    #[test]
     fn order_numbers_are_stable_and_short() {
         assert_eq!(order_number("A-17"), "A-17");
         let hex = "0123456789abcdef".repeat(4);
