@@ -22,10 +22,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use quick_xml::events::{BytesDecl, BytesStart, BytesText, Event};
-use quick_xml::name::ResolveResult;
-use quick_xml::reader::NsReader;
-use quick_xml::writer::Writer;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
@@ -33,12 +29,12 @@ use super::http::{classify_status, classify_transport, read_limited, truncate};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
 
-/// Namespace of the M2M XML API's operations.
-pub const M2M_NS: &str = "http://mcommunicator.ru/M2M";
-/// SOAP 1.1 envelope namespace.
-pub const SOAP11_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
-/// SOAP 1.2 envelope namespace.
-pub const SOAP12_NS: &str = "http://www.w3.org/2003/05/soap-envelope";
+mod soap;
+pub use soap::{
+    build_envelope, detect_envelope, fault_code, Envelope, M2M_NS, SOAP11_NS, SOAP12_NS,
+};
+use soap::{classify_fault, find_fault, parse_elements};
+
 /// MTS's limit on the text of one message, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 1000;
 
@@ -241,12 +237,8 @@ impl M2mConnector {
         })
     }
 
-    /// The `SendMessage` envelope for one SMS; every value is XML-escaped.
+    /// The `SendMessage` envelope for one SMS.
     fn envelope(&self, msid: &str, text: &str) -> String {
-        let (prefix, ns) = match self.soap_version {
-            SoapVersion::V11 => ("soap", SOAP11_NS),
-            SoapVersion::V12 => ("soap12", SOAP12_NS),
-        };
         let mut fields = vec![("msid", msid), ("message", text), ("naming", &self.naming)];
         if let Auth::Login {
             login,
@@ -256,34 +248,7 @@ impl M2mConnector {
             fields.push(("login", login));
             fields.push(("password", password_md5));
         }
-        let mut w = Writer::new(Vec::new());
-        let xmlns = format!("xmlns:{prefix}");
-        let write = |w: &mut Writer<Vec<u8>>| -> std::io::Result<()> {
-            w.write_event(Event::Decl(BytesDecl::new("1.0", Some("utf-8"), None)))?;
-            w.create_element(format!("{prefix}:Envelope"))
-                .with_attribute(("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"))
-                .with_attribute(("xmlns:xsd", "http://www.w3.org/2001/XMLSchema"))
-                .with_attribute((xmlns.as_str(), ns))
-                .write_inner_content(|w| {
-                    w.create_element(format!("{prefix}:Body"))
-                        .write_inner_content(|w| {
-                            w.create_element("SendMessage")
-                                .with_attribute(("xmlns", M2M_NS))
-                                .write_inner_content(|w| {
-                                    for (name, value) in &fields {
-                                        w.create_element(*name)
-                                            .write_text_content(xml_text(value))?;
-                                    }
-                                    Ok(())
-                                })?;
-                            Ok(())
-                        })?;
-                    Ok(())
-                })?;
-            Ok(())
-        };
-        write(&mut w).expect("writing to a Vec cannot fail");
-        String::from_utf8(w.into_inner()).expect("quick-xml writes UTF-8")
+        soap::build_envelope(self.soap_version, "SendMessage", &fields)
     }
 
     async fn post_soap(
@@ -430,12 +395,6 @@ pub fn md5_hex(s: &str) -> String {
         .collect()
 }
 
-/// Text for an element: XML-escaped, with CR written as a character reference so that XML's
-/// end-of-line normalisation (XML 1.0 §2.11) does not turn CRLF into LF on the other side.
-fn xml_text(s: &str) -> BytesText<'static> {
-    BytesText::from_escaped(quick_xml::escape::escape(s).replace('\r', "&#13;"))
-}
-
 /// Normalises a phone number to the digits MTS wants (`79001234567`): separators (space, `-`,
 /// `.`, `(`, `)`) and a leading `+` are dropped; anything else is a `bad-address`. With a
 /// `country_code`, a 10-digit national number gets it in front, and for `7` the Russian trunk
@@ -500,244 +459,6 @@ fn check_text(text: &str) -> Result<(), DeliveryError> {
     Ok(())
 }
 
-/// A pre-built envelope found in `content`.
-#[derive(Debug, PartialEq)]
-pub struct Envelope {
-    pub version: SoapVersion,
-    /// Local name of the first element of the Body (`SendMessage`).
-    pub operation: String,
-}
-
-/// Whether `content` is a whole SOAP envelope: its root element is `Envelope`, with or without a
-/// prefix (`<soap:Envelope`, `<soap12:Envelope`, `<Envelope`). The SOAP version comes from the
-/// envelope's namespace (1.2 when it is the 1.2 one, else 1.1). An envelope that is not well-formed
-/// XML is a `bad-content`: posting it would only earn a fault, and escaping it as SMS text would
-/// text the recipient a page of XML.
-pub fn detect_envelope(content: &str) -> Result<Option<Envelope>, DeliveryError> {
-    let t = content.trim_start_matches('\u{feff}').trim_start();
-    if !t.starts_with('<') {
-        return Ok(None);
-    }
-    let mut reader = NsReader::from_str(t);
-    let root_is_envelope = loop {
-        match reader.read_event() {
-            Ok(Event::Start(s) | Event::Empty(s)) => break local_name(&s) == "Envelope",
-            Ok(Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_)) => {}
-            Ok(Event::Text(x)) if x.iter().all(u8::is_ascii_whitespace) => {}
-            _ => break false,
-        }
-    };
-    if !root_is_envelope {
-        return Ok(None);
-    }
-    let elements = parse_elements(t).map_err(|e| {
-        DeliveryError::permanent(
-            "bad-content",
-            format!("content looks like a SOAP envelope but is not well-formed XML: {e}"),
-        )
-    })?;
-    let version = if elements[0].ns.as_deref() == Some(SOAP12_NS) {
-        SoapVersion::V12
-    } else {
-        SoapVersion::V11
-    };
-    let operation = elements
-        .iter()
-        .find(|e| e.depth == 2 && e.parent.as_deref() == Some("Body"))
-        .map_or_else(|| "SendMessage".to_string(), |e| e.name.clone());
-    Ok(Some(Envelope { version, operation }))
-}
-
-/// One element of a parsed document, in document order.
-#[derive(Debug, Clone, PartialEq)]
-struct Element {
-    /// Namespace URI, when bound.
-    ns: Option<String>,
-    /// Local name.
-    name: String,
-    /// Local name of the parent element.
-    parent: Option<String>,
-    /// 0 for the root.
-    depth: usize,
-    /// Text directly inside the element, references resolved.
-    text: String,
-}
-
-/// Parses XML into a flat list of elements. Small on purpose: the answers of the M2M API are a
-/// handful of elements, and a flat list lets callers ask "the first `SendMessageResult`".
-fn parse_elements(xml: &str) -> Result<Vec<Element>, String> {
-    let mut reader = NsReader::from_str(xml);
-    let mut out: Vec<Element> = Vec::new();
-    let mut stack: Vec<usize> = Vec::new();
-    loop {
-        let (ns, ev) = reader.read_resolved_event().map_err(|e| e.to_string())?;
-        let ns = match ns {
-            ResolveResult::Bound(n) => Some(String::from_utf8_lossy(n.as_ref()).into_owned()),
-            _ => None,
-        };
-        match ev {
-            Event::Start(ref s) | Event::Empty(ref s) => {
-                let idx = out.len();
-                out.push(Element {
-                    ns,
-                    name: local_name(s),
-                    parent: stack.last().map(|&i| out[i].name.clone()),
-                    depth: stack.len(),
-                    text: String::new(),
-                });
-                if matches!(ev, Event::Start(_)) {
-                    stack.push(idx);
-                }
-            }
-            Event::End(_) => {
-                stack.pop();
-            }
-            Event::Text(t) => {
-                let s = t.xml10_content().map_err(|e| e.to_string())?;
-                if let Some(&i) = stack.last() {
-                    out[i].text.push_str(&s);
-                } else if !s.trim().is_empty() {
-                    return Err("text outside the root element".into());
-                }
-            }
-            Event::CData(t) => {
-                if let Some(&i) = stack.last() {
-                    out[i]
-                        .text
-                        .push_str(&t.xml10_content().map_err(|e| e.to_string())?);
-                }
-            }
-            Event::GeneralRef(r) => {
-                let resolved = match r.resolve_char_ref().map_err(|e| e.to_string())? {
-                    Some(c) => c.to_string(),
-                    None => {
-                        let name = r.decode().map_err(|e| e.to_string())?;
-                        quick_xml::escape::resolve_predefined_entity(&name)
-                            .ok_or_else(|| format!("unknown entity &{name};"))?
-                            .to_string()
-                    }
-                };
-                if let Some(&i) = stack.last() {
-                    out[i].text.push_str(&resolved);
-                }
-            }
-            Event::Eof => break,
-            _ => {}
-        }
-    }
-    if out.is_empty() {
-        return Err("no root element".into());
-    }
-    if !stack.is_empty() {
-        return Err("unclosed element".into());
-    }
-    Ok(out)
-}
-
-fn local_name(s: &BytesStart<'_>) -> String {
-    String::from_utf8_lossy(s.local_name().as_ref()).into_owned()
-}
-
-/// What a SOAP fault says.
-#[derive(Debug, Default, PartialEq)]
-struct Fault {
-    /// `faultcode` (1.1) or `Code/Value` (1.2), e.g. `soap:Server`.
-    code: String,
-    /// `faultstring` (1.1) or `Reason/Text` (1.2).
-    reason: String,
-    /// Every text inside the fault, detail included, where the MTS code may also be.
-    all_text: String,
-}
-
-fn find_fault(elements: &[Element]) -> Option<Fault> {
-    let start = elements.iter().position(|e| {
-        e.name == "Fault" && matches!(e.ns.as_deref(), Some(SOAP11_NS | SOAP12_NS))
-    })?;
-    let depth = elements[start].depth;
-    let mut f = Fault::default();
-    for e in elements[start + 1..].iter().take_while(|e| e.depth > depth) {
-        let t = e.text.trim();
-        match (e.parent.as_deref(), e.name.as_str()) {
-            (_, "faultcode") | (Some("Code"), "Value") if f.code.is_empty() => f.code = t.into(),
-            (_, "faultstring") | (Some("Reason"), "Text") if f.reason.is_empty() => {
-                f.reason = t.into()
-            }
-            _ => {}
-        }
-        if !t.is_empty() {
-            f.all_text.push_str(t);
-            f.all_text.push(' ');
-        }
-    }
-    Some(f)
-}
-
-/// The fault strings of the M2M API and whether each is worth retrying (providers.md §2.9, 3.3).
-const FAULTS: &[(&str, bool)] = &[
-    ("SYSTEM_FAILURE", true),
-    ("TOO_MANY_PARAMETERS", false),
-    ("INCORRECT_PASSWORD", false),
-    ("MSID_FORMAT_ERROR", false),
-    ("MESSAGE_FORMAT_ERROR", false),
-    ("WRONG_ID", false),
-    ("MESSAGE_HANDLING_ERROR", false),
-    ("NO_SUCH_SUBSCRIBER", false),
-    ("TEST_LIMIT_EXCEEDED", false),
-    ("TRUSTED_LIMIT_EXCEEDED", false),
-    ("IP_NOT_ALLOWED", false),
-    ("MAX_LENGTH_EXCEEDED", false),
-    ("OPERATION_NOT_ALLOWED", false),
-    ("EMPTY_MESSAGE_NOT_ALLOWED", false),
-    ("ACCOUNT_IS_BLOCKED", false),
-    ("OBJECT_ALREADY_EXISTS", false),
-    ("MSID_IS_IN_BLACKLIST", false),
-    ("MSIDS_ARE_IN_BLACKLIST", false),
-    ("TIME_IS_IN_THE_PAST", false),
-];
-
-/// The stable error code of an M2M fault string: `m2m-` and the string in kebab case.
-pub fn fault_code(fault: &str) -> String {
-    format!("m2m-{}", fault.to_ascii_lowercase().replace('_', "-"))
-}
-
-fn classify_fault(f: &Fault) -> DeliveryError {
-    let reason = format!(
-        "SOAP fault {}: {}",
-        if f.code.is_empty() {
-            "(no code)"
-        } else {
-            &f.code
-        },
-        truncate(
-            if f.reason.is_empty() {
-                &f.all_text
-            } else {
-                &f.reason
-            },
-            512
-        )
-    );
-    // ASMX wraps the code in prose ("Server was unable to process request. ---> X"): look for a
-    // whole word, so MSID_IS_IN_BLACKLIST and MSIDS_ARE_IN_BLACKLIST stay apart.
-    let known = format!("{} {}", f.reason, f.all_text)
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .find_map(|w| FAULTS.iter().find(|(name, _)| *name == w).copied());
-    match known {
-        Some((name, true)) => DeliveryError::retry(fault_code(name), reason),
-        Some((name, false)) => DeliveryError::permanent(fault_code(name), reason),
-        None => {
-            // SOAP 1.1 `Client` / 1.2 `Sender`: the request itself is wrong, sending it again
-            // will not help. Anything else may be the server's passing trouble.
-            let local = f.code.rsplit(':').next().unwrap_or_default();
-            if matches!(local, "Client" | "Sender") {
-                DeliveryError::permanent("m2m-fault", reason)
-            } else {
-                DeliveryError::retry("m2m-fault", reason)
-            }
-        }
-    }
-}
-
 fn json_scalar(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
@@ -746,158 +467,4 @@ fn json_scalar(v: &serde_json::Value) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_example_profiles_parse() {
-        let text = include_str!("../../conf/m2m.conf");
-        let profiles = crate::config::parse_profiles("m2m", text, "m2m.conf").unwrap();
-        assert_eq!(profiles.len(), 2);
-    }
-
-    #[test]
-    fn md5_is_lower_hex() {
-        assert_eq!(md5_hex("password"), "5f4dcc3b5aa765d61d8327deb882cf99");
-    }
-
-    #[test]
-    fn phones_are_normalised_or_rejected() {
-        for (input, want) in [
-            ("+7 (900) 123-45-67", "79001234567"),
-            ("89001234567", "79001234567"),
-            ("9001234567", "79001234567"),
-            ("375291234567", "375291234567"),
-        ] {
-            assert_eq!(normalise_msid(input, "7").unwrap(), want, "{input}");
-        }
-        for bad in [
-            "",
-            "abc",
-            "+7 900 123 45 6x",
-            "12345",
-            "7900123456789012",
-            "7900,79001",
-        ] {
-            let e = normalise_msid(bad, "7").unwrap_err();
-            assert_eq!(e.code(), "bad-address", "{bad}");
-            assert!(!e.is_retry());
-        }
-        assert!(normalise_msid("9001234567", "").is_err());
-    }
-
-    #[test]
-    fn text_is_checked() {
-        assert!(check_text("привет").is_ok());
-        assert_eq!(check_text(" ").unwrap_err().code(), "bad-content");
-        assert!(check_text(&"я".repeat(1000)).is_ok());
-        assert_eq!(
-            check_text(&"я".repeat(1001)).unwrap_err().code(),
-            "bad-content"
-        );
-        assert_eq!(check_text("a\u{1}b").unwrap_err().code(), "bad-content");
-    }
-
-    #[test]
-    fn envelopes_are_detected_with_their_version() {
-        let e12 = format!(
-            "<?xml version=\"1.0\"?>\n<soap12:Envelope xmlns:soap12=\"{SOAP12_NS}\"><soap12:Body>\
-             <SendMessages xmlns=\"{M2M_NS}\"/></soap12:Body></soap12:Envelope>"
-        );
-        assert_eq!(
-            detect_envelope(&e12).unwrap(),
-            Some(Envelope {
-                version: SoapVersion::V12,
-                operation: "SendMessages".into()
-            })
-        );
-        let e11 = format!(
-            "<Envelope xmlns=\"{SOAP11_NS}\"><Body><SendMessage xmlns=\"{M2M_NS}\"/></Body></Envelope>"
-        );
-        assert_eq!(
-            detect_envelope(&e11).unwrap().unwrap().version,
-            SoapVersion::V11
-        );
-        assert_eq!(detect_envelope("Hello <b>you</b>").unwrap(), None);
-        assert_eq!(detect_envelope("<b>Envelope</b>").unwrap(), None);
-        let broken = format!("<soap:Envelope xmlns:soap=\"{SOAP11_NS}\"><soap:Body>");
-        assert_eq!(detect_envelope(&broken).unwrap_err().code(), "bad-content");
-    }
-
-    #[test]
-    fn built_envelope_escapes_text_and_parses_back() {
-        let cfg: M2mConfig = toml::from_str(
-            "login = \"acme\"\npassword = \"secret\"\nnaming = \"A&B\"\nsoap_version = \"1.1\"",
-        )
-        .unwrap();
-        let c = M2mConnector::new("default", &cfg).unwrap();
-        let text = "1 < 2 & \"q\" 'a' ]]> \r\nend";
-        let xml = c.envelope("79001234567", text);
-        let els = parse_elements(&xml).unwrap();
-        let get = |n: &str| els.iter().find(|e| e.name == n).unwrap();
-        assert_eq!(get("Envelope").ns.as_deref(), Some(SOAP11_NS));
-        assert_eq!(get("SendMessage").ns.as_deref(), Some(M2M_NS));
-        assert_eq!(get("message").text, text);
-        assert_eq!(get("naming").text, "A&B");
-        assert_eq!(get("password").text, md5_hex("secret"));
-        assert_eq!(
-            detect_envelope(&xml).unwrap().unwrap().operation,
-            "SendMessage"
-        );
-    }
-
-    #[test]
-    fn faults_are_classified_by_their_string() {
-        let fault = |code: &str, reason: &str| Fault {
-            code: code.into(),
-            reason: reason.into(),
-            all_text: format!("{code} {reason}"),
-        };
-        let e = classify_fault(&fault("soap:Server", "SYSTEM_FAILURE"));
-        assert!(e.is_retry());
-        assert_eq!(e.code(), "m2m-system-failure");
-        let e = classify_fault(&fault(
-            "soap:Server",
-            "Server was unable to process request. ---> INCORRECT_PASSWORD",
-        ));
-        assert!(!e.is_retry());
-        assert_eq!(e.code(), "m2m-incorrect-password");
-        for (name, retry) in FAULTS {
-            let e = classify_fault(&fault("soap:Server", name));
-            assert_eq!(e.is_retry(), *retry, "{name}");
-            assert_eq!(e.code(), fault_code(name));
-        }
-        assert_eq!(
-            classify_fault(&fault("soap:Server", "MSIDS_ARE_IN_BLACKLIST")).code(),
-            "m2m-msids-are-in-blacklist"
-        );
-        assert!(classify_fault(&fault("soap:Server", "boom")).is_retry());
-        assert!(!classify_fault(&fault("soap12:Sender", "boom")).is_retry());
-    }
-
-    #[test]
-    fn soap12_fault_is_found() {
-        let xml = format!(
-            "<s:Envelope xmlns:s=\"{SOAP12_NS}\"><s:Body><s:Fault><s:Code><s:Value>s:Receiver</s:Value>\
-             </s:Code><s:Reason><s:Text xml:lang=\"en\">NO_SUCH_SUBSCRIBER</s:Text></s:Reason>\
-             </s:Fault></s:Body></s:Envelope>"
-        );
-        let f = find_fault(&parse_elements(&xml).unwrap()).unwrap();
-        assert_eq!(f.code, "s:Receiver");
-        assert_eq!(f.reason, "NO_SUCH_SUBSCRIBER");
-        assert_eq!(classify_fault(&f).code(), "m2m-no-such-subscriber");
-    }
-
-    #[test]
-    fn config_needs_one_kind_of_credentials() {
-        let parse = |s: &str| M2mConnector::new("p", &toml::from_str::<M2mConfig>(s).unwrap());
-        assert!(parse("token = \"t\"").is_ok());
-        assert!(parse("login = \"l\"\npassword = \"p\"").is_ok());
-        assert!(parse("login = \"l\"").is_err());
-        assert!(parse("login = \"l\"\npassword = \"p\"\ntoken = \"t\"").is_err());
-        assert!(parse("api = \"omnichannel\"\ntoken = \"t\"").is_err()); // no naming
-        assert!(parse("api = \"omnichannel\"\ntoken = \"t\"\nnaming = \"ACME\"").is_ok());
-        assert!(parse("password_is_md5 = true\nlogin = \"l\"\npassword = \"xyz\"").is_err());
-        assert!(toml::from_str::<M2mConfig>("tokn = \"t\"").is_err());
-    }
-}
+mod tests;
