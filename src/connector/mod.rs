@@ -10,6 +10,8 @@
 pub mod fcm;
 pub mod file;
 pub mod http;
+pub mod m2m;
+pub mod sba;
 pub mod token;
 
 use std::time::Duration;
@@ -173,10 +175,12 @@ pub enum ConnectorConfig {
     File(file::FileConfig),
     Fcm(fcm::FcmConfig),
     Http(http::HttpConfig),
+    M2m(m2m::M2mConfig),
+    Sba(sba::SbaConfig),
 }
 
 /// Connector kinds outboxd knows, as written in `[connectors]`.
-pub const KINDS: &[&str] = &["file", "http", "fcm"];
+pub const KINDS: &[&str] = &["file", "http", "fcm", "m2m", "sba"];
 
 impl ConnectorConfig {
     /// Parses one profile table of a `<kind>.conf` file.
@@ -186,6 +190,8 @@ impl ConnectorConfig {
             "file" => value.try_into().map(ConnectorConfig::File),
             "fcm" => value.try_into().map(ConnectorConfig::Fcm),
             "http" => value.try_into().map(ConnectorConfig::Http),
+            "m2m" => value.try_into().map(ConnectorConfig::M2m),
+            "sba" => value.try_into().map(ConnectorConfig::Sba),
             other => {
                 return Err(format!(
                     "unknown connector kind \"{other}\" (known: {})",
@@ -202,6 +208,8 @@ impl ConnectorConfig {
             ConnectorConfig::File(c) => std::sync::Arc::new(file::FileConnector::new(profile, c)?),
             ConnectorConfig::Fcm(c) => std::sync::Arc::new(fcm::FcmConnector::new(profile, c)?),
             ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
+            ConnectorConfig::M2m(c) => std::sync::Arc::new(m2m::M2mConnector::new(profile, c)?),
+            ConnectorConfig::Sba(c) => std::sync::Arc::new(sba::SbaConnector::new(profile, c)?),
         })
     }
 }

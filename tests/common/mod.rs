@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod m2m_double;
+pub mod sba_double;
 
 use std::collections::BTreeMap;
 use std::future::Future;
