@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod http;
+pub mod smtp;
 pub mod token;
 
 use std::time::Duration;
@@ -171,10 +172,11 @@ pub trait Connector: Send + Sync {
 pub enum ConnectorConfig {
     File(file::FileConfig),
     Http(http::HttpConfig),
+    Smtp(smtp::SmtpConfig),
 }
 
 /// Connector kinds outboxd knows, as written in `[connectors]`.
-pub const KINDS: &[&str] = &["file", "http"];
+pub const KINDS: &[&str] = &["file", "http", "smtp"];
 
 impl ConnectorConfig {
     /// Parses one profile table of a `<kind>.conf` file.
@@ -183,6 +185,7 @@ impl ConnectorConfig {
         match kind {
             "file" => value.try_into().map(ConnectorConfig::File),
             "http" => value.try_into().map(ConnectorConfig::Http),
+            "smtp" => value.try_into().map(ConnectorConfig::Smtp),
             other => {
                 return Err(format!(
                     "unknown connector kind \"{other}\" (known: {})",
@@ -198,6 +201,7 @@ impl ConnectorConfig {
         Ok(match self {
             ConnectorConfig::File(c) => std::sync::Arc::new(file::FileConnector::new(profile, c)?),
             ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
+            ConnectorConfig::Smtp(c) => std::sync::Arc::new(smtp::SmtpConnector::new(profile, c)?),
         })
     }
 }
