@@ -105,7 +105,9 @@ impl<'de> Deserialize<'de> for ServiceName {
         match services::lookup(&written) {
             Some(service) => Ok(ServiceName { written, service }),
             None => Err(serde::de::Error::custom(format!(
-                "unknown service \"{written}\" (known: {}; or set host/port/tls instead)",
+                // The key is spelled out: serde_path_to_error loses the path inside the
+                // internally tagged ConnectorConfig, so the caller may only name the profile.
+                "service = \"{written}\": unknown service (known: {}; or set host/port/tls instead)",
                 services::names().join(", ")
             ))),
         }
@@ -199,18 +201,21 @@ impl SmtpConfig {
                 ))
             }
             (None, Some(_)) => {
-                return Err(err("username", "a password is set without a username".into()))
+                return Err(err(
+                    "username",
+                    "a password is set without a username".into(),
+                ))
             }
         };
         let auth_method = self.auth_method.or_else(|| {
-            preset
-                .and_then(|p| p.auth_method.as_deref())
-                .and_then(|m| match m.to_ascii_uppercase().as_str() {
+            preset.and_then(|p| p.auth_method.as_deref()).and_then(|m| {
+                match m.to_ascii_uppercase().as_str() {
                     "PLAIN" => Some(AuthMethod::Plain),
                     "LOGIN" => Some(AuthMethod::Login),
                     "XOAUTH2" => Some(AuthMethod::Xoauth2),
                     _ => None,
-                })
+                }
+            })
         });
 
         let from = match &self.from {
@@ -277,28 +282,45 @@ mod tests {
         let r = parse("service = \"QQ\"\nusername = \"a@qq.com\"\npassword = \"x\"")
             .resolve("p")
             .unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.tls), ("smtp.qq.com", 465, TlsMode::Tls));
+        assert_eq!(
+            (r.host.as_str(), r.port, r.tls),
+            ("smtp.qq.com", 465, TlsMode::Tls)
+        );
         assert_eq!(r.from.email.to_string(), "a@qq.com");
         let r = parse("service = \"qq\"\nport = 587\ntls = \"starttls\"\nfrom = \"a@b.c\"")
             .resolve("p")
             .unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.tls), ("smtp.qq.com", 587, TlsMode::Starttls));
+        assert_eq!(
+            (r.host.as_str(), r.port, r.tls),
+            ("smtp.qq.com", 587, TlsMode::Starttls)
+        );
         let r = parse("service = \"Gmail\"\nhost = \"relay.local\"\nfrom = \"a@b.c\"")
             .resolve("p")
             .unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.tls), ("relay.local", 465, TlsMode::Tls));
+        assert_eq!(
+            (r.host.as_str(), r.port, r.tls),
+            ("relay.local", 465, TlsMode::Tls)
+        );
     }
 
     #[test]
     fn quirky_presets_resolve() {
         let r = parse("service = \"Maildev\"").resolve("n@x.org").unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.tls), ("localhost", 1025, TlsMode::None));
+        assert_eq!(
+            (r.host.as_str(), r.port, r.tls),
+            ("localhost", 1025, TlsMode::None)
+        );
         let r = parse("service = \"hot.ee\"").resolve("n@x.org").unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.tls), ("mail.hot.ee", 587, TlsMode::Opportunistic));
+        assert_eq!(
+            (r.host.as_str(), r.port, r.tls),
+            ("mail.hot.ee", 587, TlsMode::Opportunistic)
+        );
         let r = parse("service = \"Disroot\"").resolve("n@x.org").unwrap();
         assert_eq!((r.port, r.tls), (587, TlsMode::Starttls));
         assert_eq!(r.auth_method, Some(AuthMethod::Login));
-        let r = parse("service = \"Outlook365\"").resolve("n@x.org").unwrap();
+        let r = parse("service = \"Outlook365\"")
+            .resolve("n@x.org")
+            .unwrap();
         assert_eq!((r.port, r.tls), (587, TlsMode::Opportunistic));
     }
 
@@ -318,9 +340,13 @@ mod tests {
     fn defaults_without_a_preset() {
         let r = parse("host = \"h\"").resolve("n@x.org").unwrap();
         assert_eq!((r.port, r.tls), (587, TlsMode::Starttls));
-        let r = parse("host = \"h\"\nport = 465").resolve("n@x.org").unwrap();
+        let r = parse("host = \"h\"\nport = 465")
+            .resolve("n@x.org")
+            .unwrap();
         assert_eq!(r.tls, TlsMode::Tls);
-        let r = parse("host = \"h\"\ntls = \"none\"").resolve("n@x.org").unwrap();
+        let r = parse("host = \"h\"\ntls = \"none\"")
+            .resolve("n@x.org")
+            .unwrap();
         assert_eq!(r.port, 25);
     }
 
@@ -340,17 +366,25 @@ mod tests {
 
     #[test]
     fn credentials_need_both_halves() {
-        let e = parse("host = \"h\"\nusername = \"u\"").resolve("a@b.c").unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("a@b.c.password"));
-        let e = parse("host = \"h\"\npassword_env = \"OUTBOXD_TEST_SURELY_UNSET_VAR\"\nusername = \"u\"")
+        let e = parse("host = \"h\"\nusername = \"u\"")
             .resolve("a@b.c")
             .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("a@b.c.password"));
+        let e = parse(
+            "host = \"h\"\npassword_env = \"OUTBOXD_TEST_SURELY_UNSET_VAR\"\nusername = \"u\"",
+        )
+        .resolve("a@b.c")
+        .unwrap_err();
         assert!(e.message.contains("OUTBOXD_TEST_SURELY_UNSET_VAR"), "{e}");
     }
 
     #[test]
     fn an_unknown_service_is_rejected_while_parsing() {
         let e = toml::from_str::<SmtpConfig>("service = \"Nope Mail\"").unwrap_err();
-        assert!(e.message().contains("unknown service \"Nope Mail\""), "{e}");
+        assert!(
+            e.message()
+                .contains("service = \"Nope Mail\": unknown service"),
+            "{e}"
+        );
     }
 }

@@ -234,7 +234,10 @@ pub fn parse_mailboxes(s: &str, key: &str) -> Result<Vec<Mailbox>, DeliveryError
         normalised.parse::<Mailboxes>()
     });
     parsed.map(|m| m.into_iter().collect()).map_err(|_| {
-        DeliveryError::permanent("bad-address", format!("{key}: invalid address list \"{s}\""))
+        DeliveryError::permanent(
+            "bad-address",
+            format!("{key}: invalid address list \"{s}\""),
+        )
     })
 }
 
@@ -443,7 +446,10 @@ mod tests {
     #[test]
     fn forms_are_detected() {
         assert!(matches!(detect("{\"text\": \"hi\"}"), Form::Json(_)));
-        assert!(matches!(detect(" {\"html\": \"<b>x</b>\", \"cc\": []}"), Form::Json(_)));
+        assert!(matches!(
+            detect(" {\"html\": \"<b>x</b>\", \"cc\": []}"),
+            Form::Json(_)
+        ));
         // JSON without our keys is a body (someone mailing a JSON document).
         assert!(matches!(detect("{\"order\": 1}"), Form::Body(_)));
         assert!(matches!(detect("{\"text\": \"hi\""), Form::BrokenJson(_)));

@@ -82,10 +82,8 @@ impl SmtpConnector {
             builder = builder.hello_name(ClientId::Domain(h.clone()));
         }
         if let Some((user, pass)) = &r.credentials {
-            builder = builder.credentials(Credentials::new(
-                user.clone(),
-                pass.expose().to_string(),
-            ));
+            builder =
+                builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
         }
         if let Some(m) = r.auth_method {
             builder = builder.authentication(vec![match m {
@@ -165,7 +163,7 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> DeliveryError {
         DeliveryError::retry("smtp-4xx", reason)
     } else if e.is_timeout() {
         DeliveryError::retry("timeout", reason)
-    } else if e.is_tls() {
+    } else if e.is_tls() || is_tls_failure(e) {
         DeliveryError::retry("smtp-tls", reason)
     } else if e.is_client() {
         // lettre refused to send: the server lacks a capability the message needs (SMTPUTF8,
@@ -184,6 +182,20 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> DeliveryError {
         Some(s) => err.with_status(s),
         None => err,
     }
+}
+
+/// lettre reports a failed TLS handshake (STARTTLS or implicit) as a connection error whose
+/// io::Error has kind `InvalidData` (how tokio-rustls wraps `rustls::Error`, e.g. an untrusted
+/// certificate); a refused or reset TCP connection has other kinds.
+fn is_tls_failure(e: &lettre::transport::smtp::Error) -> bool {
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::InvalidData;
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// The queue id in a reply to DATA: `250 2.0.0 Ok: queued as 4Xyz` (Postfix), `250 OK id=1a-2b`
@@ -207,7 +219,14 @@ pub fn queue_id(resp: &Response) -> Option<String> {
     }
     let lower = t.to_ascii_lowercase();
     let lower = lower.trim_end_matches(['.', '!']);
-    let bare = ["", "ok", "queued", "accepted", "message accepted", "ok queued"];
+    let bare = [
+        "",
+        "ok",
+        "queued",
+        "accepted",
+        "message accepted",
+        "ok queued",
+    ];
     if bare.contains(&lower) {
         return None;
     }
@@ -258,7 +277,10 @@ mod tests {
         let cases = [
             ("250 2.0.0 Ok: queued as 4XyzAB12\r\n", Some("4XyzAB12")),
             ("250 OK id=1rAbCd-0001xY-2Z\r\n", Some("1rAbCd-0001xY-2Z")),
-            ("250 Ok 0100018e-abc-000000\r\n", Some("0100018e-abc-000000")),
+            (
+                "250 Ok 0100018e-abc-000000\r\n",
+                Some("0100018e-abc-000000"),
+            ),
             (
                 "250 2.0.0 OK  1700000000 a1-20020a.1 - gsmtp\r\n",
                 Some("1700000000 a1-20020a.1 - gsmtp"),
