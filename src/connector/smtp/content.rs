@@ -396,10 +396,10 @@ pub fn html_to_text(html: &str) -> String {
         };
         rest = &rest[start + end + 1..];
         match name.as_str() {
-            "br" | "p" | "div" | "tr" | "li" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" => {
-                if !out.ends_with('\n') && !out.is_empty() {
-                    out.push('\n');
-                }
+            "br" | "p" | "div" | "tr" | "li" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6"
+                if !out.ends_with('\n') && !out.is_empty() =>
+            {
+                out.push('\n');
             }
             "style" | "script" | "head" if !tag.starts_with('/') => {
                 let n = skip_to(&format!("</{name}>"), rest);
