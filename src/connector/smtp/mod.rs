@@ -14,7 +14,9 @@
 //!   Message-ID (`<outbox id@sender domain>`, the same on every retry so receivers can de-duplicate).
 //!
 //! Invariants: one transport (and so one pool) per profile, created on first use inside the
-//! daemon's runtime; `healthcheck` never opens a connection.
+//! daemon's runtime; an SMTP transaction, once started, runs to its end even if the delivery is
+//! abandoned, so no half-used connection goes back to the pool; `healthcheck` never opens a
+//! connection.
 
 pub mod config;
 pub mod content;
@@ -248,10 +250,14 @@ impl Connector for SmtpConnector {
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let (built, message_id) = self.prepare(msg)?;
         let envelope = envelope(&self.from, &built)?;
-        let resp = self
-            .transport()
-            .send_raw(&envelope, &built.bytes)
+        // The transaction runs in its own task: if the dispatcher's timeout (or a shutdown) drops
+        // this future mid-transaction, lettre's pool would take the half-used connection back
+        // as healthy and the next message would read stale replies. Detached, the transaction
+        // ends (bounded by the per-operation timeout) and the connection returns consistent.
+        let transport = self.transport().clone();
+        let resp = tokio::spawn(async move { transport.send_raw(&envelope, &built.bytes).await })
             .await
+            .map_err(|e| DeliveryError::retry("smtp-internal", e.to_string()))?
             .map_err(|e| classify(&e))?;
         Ok(Receipt {
             provider_id: queue_id(&resp).or(message_id),
