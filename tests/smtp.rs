@@ -654,3 +654,36 @@ fn every_documented_key_of_conf_smtp_conf_parses() {
     let profiles = outboxd::config::parse_profiles("smtp", &text, "conf/smtp.conf").unwrap();
     assert!(profiles.iter().any(|(n, _)| n == "noreply@example.com"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_is_a_timeout_and_a_closed_port_a_connect_error() {
+    let server = SmtpServer::start(ServerTls::None, None).await;
+    server.set(SmtpBehaviour::HangData);
+    // A port nobody listens on: bind, note it, close it.
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let db = TestDb::new().await;
+    let conf = format!(
+        "{}\n[closed]\nhost = \"127.0.0.1\"\nport = {closed}\ntls = \"none\"\n\
+         from = \"c@example.com\"\nmax_attempts = 1\n",
+        smtp_conf(&server, "")
+            .replace("max_attempts = 3", "max_attempts = 1")
+            .replace("timeout = \"5s\"", "timeout = \"500ms\"")
+    );
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let hung = send_mail(&c, PROFILE, "a@example.org", "s", "body").await;
+    let refused = send_mail(&c, "closed", "a@example.org", "s", "body").await;
+    wait_state(&c, hung, "failed", WAIT).await;
+    wait_state(&c, refused, "failed", WAIT).await;
+    assert_eq!(last_error_code(&c, hung).await.as_deref(), Some("timeout"));
+    assert_eq!(
+        last_error_code(&c, refused).await.as_deref(),
+        Some("smtp-connect")
+    );
+    assert!(server.mails().is_empty());
+    daemon.stop().await;
+}

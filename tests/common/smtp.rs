@@ -29,6 +29,8 @@ pub enum SmtpBehaviour {
     TempFailData,
     /// `554 5.6.0` after the data.
     PermFailData,
+    /// Never replies after the data.
+    HangData,
 }
 
 /// How connections are secured.
@@ -307,6 +309,9 @@ where
                         data.extend_from_slice(l);
                     }
                     let behaviour = *st.behaviour.lock().unwrap();
+                    if behaviour == SmtpBehaviour::HangData {
+                        std::future::pending::<()>().await;
+                    }
                     let r = match behaviour {
                         SmtpBehaviour::TempFailData => "451 4.3.0 Try again later\r\n".into(),
                         SmtpBehaviour::PermFailData => "554 5.6.0 Message rejected\r\n".into(),
