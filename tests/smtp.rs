@@ -17,12 +17,6 @@ const WAIT: Duration = Duration::from_secs(15);
 const PROFILE: &str = "noreply@example.com";
 
 /// An smtp.conf with one profile named like Apostol's (`<profile>@<domain>`), fast retries.
-/// The dispatcher claims due retries on its poll tick (no timer per retry): make it fast in the
-/// tests that retry.
-fn fast_poll(tc: &mut TestConfig) {
-    tc.config.poll_interval = Duration::from_millis(50);
-}
-
 fn smtp_conf(server: &SmtpServer, extra: &str) -> String {
     format!(
         "[\"{PROFILE}\"]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
@@ -276,8 +270,7 @@ async fn a_4xx_reply_retries_then_fails_after_max_attempts() {
     let server = SmtpServer::start(ServerTls::None, None).await;
     server.set(SmtpBehaviour::TempFailRcpt);
     let db = TestDb::new().await;
-    let mut tc = TestConfig::new(&db, &[("smtp", &smtp_conf(&server, ""))]);
-    fast_poll(&mut tc);
+    let tc = TestConfig::new(&db, &[("smtp", &smtp_conf(&server, ""))]);
     let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     let id = send_mail(&c, PROFILE, "a@example.org", "s", "body").await;
@@ -302,8 +295,7 @@ async fn a_4xx_after_data_is_retried_and_delivered_once_the_server_recovers() {
     server.set(SmtpBehaviour::TempFailData);
     let db = TestDb::new().await;
     let conf = smtp_conf(&server, "").replace("retry = [\"20ms\"]", "retry = [\"300ms\"]");
-    let mut tc = TestConfig::new(&db, &[("smtp", &conf)]);
-    fast_poll(&mut tc);
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
     let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
     let id = send_mail(&c, PROFILE, "a@example.org", "s", "body").await;
