@@ -12,6 +12,7 @@ pub mod file;
 pub mod http;
 pub mod m2m;
 pub mod sba;
+pub mod smtp;
 pub mod token;
 
 use std::time::Duration;
@@ -177,10 +178,11 @@ pub enum ConnectorConfig {
     Http(http::HttpConfig),
     M2m(m2m::M2mConfig),
     Sba(sba::SbaConfig),
+    Smtp(smtp::SmtpConfig),
 }
 
 /// Connector kinds outboxd knows, as written in `[connectors]`.
-pub const KINDS: &[&str] = &["file", "http", "fcm", "m2m", "sba"];
+pub const KINDS: &[&str] = &["file", "http", "fcm", "m2m", "sba", "smtp"];
 
 impl ConnectorConfig {
     /// Parses one profile table of a `<kind>.conf` file.
@@ -192,6 +194,7 @@ impl ConnectorConfig {
             "http" => value.try_into().map(ConnectorConfig::Http),
             "m2m" => value.try_into().map(ConnectorConfig::M2m),
             "sba" => value.try_into().map(ConnectorConfig::Sba),
+            "smtp" => value.try_into().map(ConnectorConfig::Smtp),
             other => {
                 return Err(format!(
                     "unknown connector kind \"{other}\" (known: {})",
@@ -210,6 +213,7 @@ impl ConnectorConfig {
             ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
             ConnectorConfig::M2m(c) => std::sync::Arc::new(m2m::M2mConnector::new(profile, c)?),
             ConnectorConfig::Sba(c) => std::sync::Arc::new(sba::SbaConnector::new(profile, c)?),
+            ConnectorConfig::Smtp(c) => std::sync::Arc::new(smtp::SmtpConnector::new(profile, c)?),
         })
     }
 }
