@@ -624,8 +624,8 @@ fn an_unknown_service_is_a_config_error_naming_file_and_key() {
     assert_eq!(errors.len(), 1);
     let e = &errors[0];
     assert_eq!(e.file, "/etc/outboxd/smtp.conf");
-    // The profile is the key the config loader reports; the message names `service`.
-    assert_eq!(e.key.as_deref(), Some("noreply@example.com"));
+    // The loader names the profile and the key.
+    assert_eq!(e.key.as_deref(), Some("noreply@example.com.service"));
     assert!(
         e.message
             .contains("service = \"Pigeon Post\": unknown service"),
@@ -634,7 +634,7 @@ fn an_unknown_service_is_a_config_error_naming_file_and_key() {
     assert!(e.message.contains("QQ"), "lists the known services: {e}");
     let shown = e.to_string();
     assert!(
-        shown.starts_with("/etc/outboxd/smtp.conf: key `noreply@example.com`: service = "),
+        shown.starts_with("/etc/outboxd/smtp.conf: key `noreply@example.com.service`: service = "),
         "{shown}"
     );
 }

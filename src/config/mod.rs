@@ -291,6 +291,7 @@ pub fn deserialize_table<T: serde::de::DeserializeOwned>(
             .and_then(|r| r.split('`').next())
         {
             key = Some(match key {
+                Some(k) if k == field || k.ends_with(&format!(".{field}")) => k,
                 Some(k) => format!("{k}.{field}"),
                 None => field.to_string(),
             });
@@ -448,13 +449,7 @@ fn parse_profiles_partial(
         if let Some(m) = common.max_content_bytes {
             c.max_content_bytes = m;
         }
-        let kinded = {
-            let mut t2 = toml::Table::new();
-            t2.insert("kind".into(), toml::Value::String(kind.into()));
-            t2.extend(t);
-            t2
-        };
-        match deserialize_table::<ConnectorConfig>(kinded) {
+        match ConnectorConfig::from_table(kind, t) {
             Ok(connector) => out.push((
                 name,
                 ProfileConfig {

@@ -50,6 +50,16 @@ pub struct SecretSource {
 impl SecretSource {
     /// Resolves the secret; `None` when no source is set. `what` names the key in errors.
     pub fn resolve(&self, what: &str) -> Result<Option<Secret>, String> {
+        let set = [
+            self.value.is_some(),
+            self.env.is_some(),
+            self.file.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() > 1 {
+            return Err(format!(
+                "set only one of {what}, {what}_env and {what}_file"
+            ));
+        }
         if let Some(v) = &self.value {
             return Ok(Some(v.clone()));
         }
@@ -82,6 +92,18 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_source_only() {
+        let both = SecretSource {
+            value: Some(Secret::new("a")),
+            env: Some("X".into()),
+            file: None,
+        };
+        assert!(both.resolve("token").unwrap_err().contains("token_env"));
+        let none = SecretSource::default();
+        assert_eq!(none.resolve("token").unwrap(), None);
+    }
 
     #[test]
     fn debug_and_display_hide_the_value() {

@@ -147,8 +147,19 @@ impl Connector for FileConnector {
         if dir.as_os_str().is_empty() || dir.exists() {
             return Ok(());
         }
-        // The directory is created on first delivery; its parent must exist and be a directory.
-        match dir.ancestors().find(|a| a.exists()) {
+        // The directory is created on first delivery; its nearest existing ancestor must be a
+        // directory (a relative path's last ancestor is "", the working directory).
+        match dir
+            .ancestors()
+            .map(|a| {
+                if a.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    a
+                }
+            })
+            .find(|a| a.exists())
+        {
             Some(a) if a.is_dir() => Ok(()),
             _ => Err(DeliveryError::permanent(
                 "file-io",

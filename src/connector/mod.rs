@@ -185,24 +185,25 @@ pub enum ConnectorConfig {
 pub const KINDS: &[&str] = &["file", "http", "fcm", "m2m", "sba", "smtp"];
 
 impl ConnectorConfig {
-    /// Parses one profile table of a `<kind>.conf` file.
-    pub fn from_table(kind: &str, table: toml::Table) -> Result<Self, String> {
-        let value = toml::Value::Table(table);
+    /// Parses one profile table of a `<kind>.conf` file. Each kind is deserialized directly (not
+    /// through the tagged enum, whose buffering loses the path), so errors name the exact key.
+    pub fn from_table(kind: &str, table: toml::Table) -> Result<Self, (Option<String>, String)> {
+        use crate::config::deserialize_table as de;
         match kind {
-            "file" => value.try_into().map(ConnectorConfig::File),
-            "fcm" => value.try_into().map(ConnectorConfig::Fcm),
-            "http" => value.try_into().map(ConnectorConfig::Http),
-            "m2m" => value.try_into().map(ConnectorConfig::M2m),
-            "sba" => value.try_into().map(ConnectorConfig::Sba),
-            "smtp" => value.try_into().map(ConnectorConfig::Smtp),
-            other => {
-                return Err(format!(
+            "file" => de(table).map(ConnectorConfig::File),
+            "fcm" => de(table).map(ConnectorConfig::Fcm),
+            "http" => de(table).map(ConnectorConfig::Http),
+            "m2m" => de(table).map(ConnectorConfig::M2m),
+            "sba" => de(table).map(ConnectorConfig::Sba),
+            "smtp" => de(table).map(ConnectorConfig::Smtp),
+            other => Err((
+                None,
+                format!(
                     "unknown connector kind \"{other}\" (known: {})",
                     KINDS.join(", ")
-                ))
-            }
+                ),
+            )),
         }
-        .map_err(|e: toml::de::Error| e.message().to_string())
     }
 
     /// Builds the connector. This is the one place that knows every kind.

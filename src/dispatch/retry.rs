@@ -10,6 +10,9 @@ use rand::Rng;
 
 use crate::config::ProfileCommon;
 
+/// The longest provider-requested delay honoured.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// What to do with a retryable failure of attempt `attempt` (1-based).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RetryDecision {
@@ -31,7 +34,9 @@ pub fn decide(
         return RetryDecision::GiveUp;
     }
     if let Some(hint) = retry_after {
-        return RetryDecision::RetryAfter(hint);
+        // A provider's hint wins, within reason: a broken or hostile Retry-After must not park a
+        // message for weeks.
+        return RetryDecision::RetryAfter(hint.min(MAX_RETRY_AFTER));
     }
     let base = if common.retry.is_empty() {
         Duration::ZERO
@@ -83,6 +88,10 @@ mod tests {
         assert_eq!(
             decide(&c, None, 1, Some(Duration::from_secs(42))),
             RetryDecision::RetryAfter(Duration::from_secs(42))
+        );
+        assert_eq!(
+            decide(&c, None, 1, Some(Duration::from_secs(90 * 24 * 3600))),
+            RetryDecision::RetryAfter(MAX_RETRY_AFTER)
         );
     }
 }

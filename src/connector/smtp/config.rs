@@ -105,8 +105,7 @@ impl<'de> Deserialize<'de> for ServiceName {
         match services::lookup(&written) {
             Some(service) => Ok(ServiceName { written, service }),
             None => Err(serde::de::Error::custom(format!(
-                // The key is spelled out: serde_path_to_error loses the path inside the
-                // internally tagged ConnectorConfig, so the caller may only name the profile.
+                // The value is repeated so the message reads well on its own.
                 "service = \"{written}\": unknown service (known: {}; or set host/port/tls instead)",
                 services::names().join(", ")
             ))),
