@@ -114,6 +114,32 @@ $$;
 -- Enqueueing
 --------------------------------------------------------------------------------------------------
 
+-- Inserts an outbox message in state "created" unless one with the same code exists for the agent
+-- (the idempotency key). Returns the message id and whether it was created by this call.
+CREATE FUNCTION outbox.insert_outbox(
+    pParent uuid, pAgent text, pCode text, pProfile text, pAddress text, pSubject text, pContent text,
+    pLabel text, pDescription text, pPriority integer, pSendAt timestamptz, pMaxAttempts integer,
+    OUT id uuid, OUT created boolean
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_agent uuid := outbox.agent_id(pAgent);
+    v_code  text := coalesce(nullif(pCode, ''), outbox.random_code());
+BEGIN
+    INSERT INTO outbox.messages AS m (class, parent, agent_id, code, profile, address, subject, content,
+                                      label, description, priority, send_at, max_attempts)
+    VALUES ('outbox', pParent, v_agent, v_code, coalesce(nullif(pProfile, ''), 'default'), pAddress,
+            pSubject, pContent, pLabel, pDescription, coalesce(pPriority, 0), pSendAt, pMaxAttempts)
+    ON CONFLICT (agent_id, code) WHERE class = 'outbox' DO NOTHING
+    RETURNING m.id INTO id;
+    created := id IS NOT NULL;
+    IF NOT created THEN
+        SELECT m.id INTO id FROM outbox.messages m
+         WHERE m.class = 'outbox' AND m.agent_id = v_agent AND m.code = v_code;
+    END IF;
+END
+$$;
+
 -- Creates an outbox message in state "created". With a code that already exists for the agent,
 -- returns the existing message instead (idempotency key).
 CREATE FUNCTION api.add_outbox(
@@ -121,24 +147,9 @@ CREATE FUNCTION api.add_outbox(
     pLabel text DEFAULT NULL, pDescription text DEFAULT NULL,
     pPriority integer DEFAULT 0, pSendAt timestamptz DEFAULT NULL, pMaxAttempts integer DEFAULT NULL
 ) RETURNS uuid
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_agent uuid := outbox.agent_id(pAgent);
-    v_code  text := coalesce(nullif(pCode, ''), outbox.random_code());
-    v_id    uuid;
-BEGIN
-    INSERT INTO outbox.messages (class, parent, agent_id, code, profile, address, subject, content,
-                                 label, description, priority, send_at, max_attempts)
-    VALUES ('outbox', pParent, v_agent, v_code, coalesce(nullif(pProfile, ''), 'default'), pAddress,
-            pSubject, pContent, pLabel, pDescription, coalesce(pPriority, 0), pSendAt, pMaxAttempts)
-    ON CONFLICT (agent_id, code) WHERE class = 'outbox' DO NOTHING
-    RETURNING id INTO v_id;
-    IF v_id IS NULL THEN
-        SELECT id INTO v_id FROM outbox.messages
-         WHERE class = 'outbox' AND agent_id = v_agent AND code = v_code;
-    END IF;
-    RETURN v_id;
-END
+LANGUAGE sql AS $$
+    SELECT id FROM outbox.insert_outbox(pParent, pAgent, pCode, pProfile, pAddress, pSubject, pContent,
+                                        pLabel, pDescription, pPriority, pSendAt, pMaxAttempts)
 $$;
 
 CREATE FUNCTION api.add_outbox(
@@ -160,23 +171,15 @@ CREATE FUNCTION api.send_message(
 ) RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_agent uuid := outbox.agent_id(pAgent);
-    v_code  text := coalesce(nullif(pCode, ''), outbox.random_code());
-    v_id    uuid;
+    v record;
 BEGIN
-    INSERT INTO outbox.messages (class, parent, agent_id, code, profile, address, subject, content,
-                                 label, description, priority, send_at, max_attempts)
-    VALUES ('outbox', pParent, v_agent, v_code, coalesce(nullif(pProfile, ''), 'default'), pAddress,
-            pSubject, pContent, pLabel, pDescription, coalesce(pPriority, 0), pSendAt, pMaxAttempts)
-    ON CONFLICT (agent_id, code) WHERE class = 'outbox' DO NOTHING
-    RETURNING id INTO v_id;
-    IF v_id IS NULL THEN
-        SELECT id INTO v_id FROM outbox.messages
-         WHERE class = 'outbox' AND agent_id = v_agent AND code = v_code;
-        RETURN v_id;
+    SELECT * INTO v FROM outbox.insert_outbox(pParent, pAgent, pCode, pProfile, pAddress, pSubject,
+                                              pContent, pLabel, pDescription, pPriority, pSendAt,
+                                              pMaxAttempts);
+    IF v.created THEN
+        PERFORM api.execute_object_action(v.id, 'submit');
     END IF;
-    PERFORM api.execute_object_action(v_id, 'submit');
-    RETURN v_id;
+    RETURN v.id;
 END
 $$;
 

@@ -48,6 +48,19 @@ pub struct SecretSource {
 }
 
 impl SecretSource {
+    /// The three keys a config struct has for one secret (`x`, `x_env`, `x_file`).
+    pub fn of(
+        value: &Option<Secret>,
+        env: &Option<String>,
+        file: &Option<std::path::PathBuf>,
+    ) -> SecretSource {
+        SecretSource {
+            value: value.clone(),
+            env: env.clone(),
+            file: file.clone(),
+        }
+    }
+
     /// Resolves the secret; `None` when no source is set. `what` names the key in errors.
     pub fn resolve(&self, what: &str) -> Result<Option<Secret>, String> {
         let set = [

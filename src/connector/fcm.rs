@@ -61,11 +61,11 @@ pub struct FcmConfig {
 
 impl FcmConfig {
     fn key_source(&self) -> SecretSource {
-        SecretSource {
-            value: self.service_account.clone(),
-            env: self.service_account_env.clone(),
-            file: self.service_account_file.clone(),
-        }
+        SecretSource::of(
+            &self.service_account,
+            &self.service_account_env,
+            &self.service_account_file,
+        )
     }
 
     /// The config key errors about the service account point at.
@@ -132,10 +132,7 @@ impl FcmConnector {
             .unwrap_or_else(|| DEFAULT_TOKEN_URI.into());
         url::Url::parse(&token_uri).map_err(|e| err("token_uri", format!("invalid URL: {e}")))?;
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+        let client = crate::connector::http_client_builder(timeout)
             .build()
             .map_err(|e| err("endpoint", format!("cannot build the HTTP client: {e}")))?;
         // One cache per service account; the key id is part of the name so that a rotated key

@@ -153,20 +153,12 @@ impl M2mConnector {
             .to_string()
         });
         url::Url::parse(&url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
-        let password = SecretSource {
-            value: cfg.password.clone(),
-            env: cfg.password_env.clone(),
-            file: cfg.password_file.clone(),
-        }
-        .resolve("password")
-        .map_err(|m| err("password", m))?;
-        let token = SecretSource {
-            value: cfg.token.clone(),
-            env: cfg.token_env.clone(),
-            file: cfg.token_file.clone(),
-        }
-        .resolve("token")
-        .map_err(|m| err("token", m))?;
+        let password = SecretSource::of(&cfg.password, &cfg.password_env, &cfg.password_file)
+            .resolve("password")
+            .map_err(|m| err("password", m))?;
+        let token = SecretSource::of(&cfg.token, &cfg.token_env, &cfg.token_file)
+            .resolve("token")
+            .map_err(|m| err("token", m))?;
         let scheme = cfg.auth_scheme.clone().unwrap_or_else(|| {
             match cfg.api {
                 M2mApi::Soap => "Bearer",
@@ -218,10 +210,7 @@ impl M2mConnector {
             return Err(err("country_code", "must be 0 to 3 digits".into()));
         }
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+        let client = crate::connector::http_client_builder(timeout)
             .build()
             .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
         Ok(M2mConnector {

@@ -155,6 +155,16 @@ impl DeliveryError {
     }
 }
 
+/// The HTTP client settings every HTTP-based connector starts from: a total timeout, a connect
+/// timeout of at most 10 s, and outboxd's user agent. Connectors add their own (resolver, redirects)
+/// before `build()`.
+pub fn http_client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+}
+
 /// A delivery channel for one profile.
 #[async_trait]
 pub trait Connector: Send + Sync {

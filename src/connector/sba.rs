@@ -102,20 +102,12 @@ impl SbaConnector {
             .clone()
             .unwrap_or_else(|| if cfg.test { TEST_URL } else { PRODUCTION_URL }.to_string());
         url::Url::parse(&base).map_err(|e| err("base_url", format!("invalid URL: {e}")))?;
-        let password = SecretSource {
-            value: cfg.password.clone(),
-            env: cfg.password_env.clone(),
-            file: cfg.password_file.clone(),
-        }
-        .resolve("password")
-        .map_err(|m| err("password", m))?;
-        let token = SecretSource {
-            value: cfg.token.clone(),
-            env: cfg.token_env.clone(),
-            file: cfg.token_file.clone(),
-        }
-        .resolve("token")
-        .map_err(|m| err("token", m))?;
+        let password = SecretSource::of(&cfg.password, &cfg.password_env, &cfg.password_file)
+            .resolve("password")
+            .map_err(|m| err("password", m))?;
+        let token = SecretSource::of(&cfg.token, &cfg.token_env, &cfg.token_file)
+            .resolve("token")
+            .map_err(|m| err("token", m))?;
         let credentials = match (&cfg.user_name, password, token) {
             (Some(u), Some(p), None) => vec![("userName", Secret::new(u.clone())), ("password", p)],
             (None, None, Some(t)) => vec![("token", t)],
@@ -134,10 +126,7 @@ impl SbaConnector {
             }
         }
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+        let client = crate::connector::http_client_builder(timeout)
             .build()
             .map_err(|e| err("base_url", format!("cannot build the HTTP client: {e}")))?;
         Ok(SbaConnector {

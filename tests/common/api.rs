@@ -17,22 +17,7 @@ use futures::StreamExt as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::Received;
-
-async fn serve(app: axum::Router) -> (String, Arc<tokio::sync::oneshot::Sender<()>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    (format!("http://{addr}"), Arc::new(tx))
-}
+use super::{serve, Received};
 
 /// How the token endpoint answers a request whose credentials are right.
 #[derive(Debug, Clone)]

@@ -137,15 +137,7 @@ impl FcmDouble {
             .route("/token", axum::routing::post(token))
             .fallback(send)
             .with_state(st.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let tx = crate::common::serve_on(listener, app);
         FcmDouble {
             url,
             token_uri,
@@ -153,7 +145,7 @@ impl FcmDouble {
             client_email: st.client_email.clone(),
             key_id: st.key_id.clone(),
             st,
-            _shutdown: Arc::new(tx),
+            _shutdown: tx,
         }
     }
 

@@ -101,19 +101,11 @@ impl M2mDouble {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let tx = super::serve_on(listener, app);
         M2mDouble {
             base: format!("http://{addr}"),
             state,
-            _shutdown: Arc::new(tx),
+            _shutdown: tx,
         }
     }
 

@@ -247,6 +247,30 @@ pub async fn attempts(
     .collect()
 }
 
+/// Serves `app` on `listener` until the returned sender is dropped.
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+) -> Arc<tokio::sync::oneshot::Sender<()>> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Arc::new(tx)
+}
+
+/// Serves `app` on 127.0.0.1:0; returns its base URL and the shutdown handle.
+pub async fn serve(app: axum::Router) -> (String, Arc<tokio::sync::oneshot::Sender<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (format!("http://{addr}"), serve_on(listener, app))
+}
+
 /// How an HTTP receiver answers.
 #[derive(Debug, Clone)]
 pub enum Behaviour {
@@ -335,20 +359,12 @@ impl Receiver {
             .with_state((behaviour.clone(), received.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let tx = serve_on(listener, app);
         Receiver {
             url: format!("http://{addr}"),
             behaviour,
             received,
-            _shutdown: Arc::new(tx),
+            _shutdown: tx,
         }
     }
 

@@ -93,19 +93,11 @@ impl SbaDouble {
                 }
             },
         );
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let tx = super::serve_on(listener, app);
         SbaDouble {
             base,
             state,
-            _shutdown: Arc::new(tx),
+            _shutdown: tx,
         }
     }
 

@@ -159,13 +159,9 @@ impl HttpConnector {
             HeaderValue::from_str(&cfg.content_type)
                 .map_err(|_| err("content_type", "invalid content type".into()))?,
         );
-        let token = SecretSource {
-            value: cfg.token.clone(),
-            env: cfg.token_env.clone(),
-            file: cfg.token_file.clone(),
-        }
-        .resolve("token")
-        .map_err(|m| err("token", m))?;
+        let token = SecretSource::of(&cfg.token, &cfg.token_env, &cfg.token_file)
+            .resolve("token")
+            .map_err(|m| err("token", m))?;
         if token.is_some() && cfg.oauth2.is_some() {
             return Err(err(
                 "oauth2",
@@ -193,10 +189,7 @@ impl HttpConnector {
                 .map_err(|m| err("allowed_hosts", m))?,
         );
         let redirect_policy = policy.clone();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
+        let client = crate::connector::http_client_builder(timeout)
             // Names are checked where they are resolved for the connection (no rebinding window)…
             .dns_resolver(Arc::new(allow::Guard(policy.clone())))
             // …and IP-literal redirect targets, which never reach the resolver, here.
@@ -218,11 +211,11 @@ impl HttpConnector {
             )),
             None => None,
         };
-        let signer = SecretSource {
-            value: cfg.signing_secret.clone(),
-            env: cfg.signing_secret_env.clone(),
-            file: cfg.signing_secret_file.clone(),
-        }
+        let signer = SecretSource::of(
+            &cfg.signing_secret,
+            &cfg.signing_secret_env,
+            &cfg.signing_secret_file,
+        )
         .resolve("signing_secret")
         .map_err(|m| err("signing_secret", m))?
         .map(|s| Signer::new(&s))

@@ -80,18 +80,15 @@ pub fn cache_for(cfg: &OAuth2Config, timeout: Duration) -> Result<Arc<TokenCache
     if cfg.client_id.is_empty() {
         return Err("client_id: must not be empty".into());
     }
-    let secret = SecretSource {
-        value: cfg.client_secret.clone(),
-        env: cfg.client_secret_env.clone(),
-        file: cfg.client_secret_file.clone(),
-    }
+    let secret = SecretSource::of(
+        &cfg.client_secret,
+        &cfg.client_secret_env,
+        &cfg.client_secret_file,
+    )
     .resolve("client_secret")?
     .ok_or("one of client_secret, client_secret_env, client_secret_file is required")?;
-    let http = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
+    let http = crate::connector::http_client_builder(timeout)
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let max_age = cfg

@@ -183,13 +183,9 @@ impl SmtpConfig {
             return Err(err("host", "must not be empty".into()));
         }
 
-        let password = SecretSource {
-            value: self.password.clone(),
-            env: self.password_env.clone(),
-            file: self.password_file.clone(),
-        }
-        .resolve("password")
-        .map_err(|m| err("password", m))?;
+        let password = SecretSource::of(&self.password, &self.password_env, &self.password_file)
+            .resolve("password")
+            .map_err(|m| err("password", m))?;
         let credentials = match (&self.username, password) {
             (Some(u), Some(p)) => Some((u.clone(), p)),
             (None, None) => None,
