@@ -271,3 +271,66 @@ async fn migrate_creates_the_database_when_missing() {
         .await
         .unwrap();
 }
+
+/// Sends a signal to a child process with kill(1).
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+#[tokio::test]
+async fn the_binary_reloads_on_hup_and_drains_on_term() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let main = write_config(dir.path(), &db.url, "");
+    let log = dir.path().join("daemon.log");
+    let mut child = outboxd()
+        .arg("-c")
+        .arg(&main)
+        .arg("run")
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let c = db.client().await;
+    let first = send(&c, "file.agent", "default", "a", "one").await;
+    wait_state(&c, first, "submitted", Duration::from_secs(15)).await;
+    // HUP: a new profile appears without a restart.
+    std::fs::write(
+        dir.path().join("file.conf"),
+        format!(
+            "[default]\npath = \"{0}/spool.jsonl\"\n[late]\npath = \"{0}/late.jsonl\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    signal(&child, "HUP");
+    wait_for(Duration::from_secs(15), "the reload", || async {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("profiles reloaded")
+            .then_some(())
+    })
+    .await;
+    let late = send(&c, "file.agent", "late", "a", "two").await;
+    wait_state(&c, late, "submitted", Duration::from_secs(15)).await;
+    assert!(dir.path().join("late.jsonl").exists());
+    // TERM: a clean, successful exit.
+    signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("stop requested") && text.contains("outboxd stopped"),
+        "{text}"
+    );
+}
