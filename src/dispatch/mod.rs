@@ -322,6 +322,9 @@ async fn deliver_one(
         connector = tracing::field::Empty,
         attempt = msg.attempt
     );
+    let connector = route
+        .as_ref()
+        .map_or_else(|_| "-".to_string(), |r| r.connector.name().to_string());
     let (result, common) = match route {
         Err(e) => (Err(e), None),
         Ok(route)
@@ -366,12 +369,13 @@ async fn deliver_one(
         }
     };
     let duration_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
-    outcome_row(msg, result, common.as_ref(), duration_ms)
+    outcome_row(msg, &connector, result, common.as_ref(), duration_ms)
 }
 
 /// Classifies a result into done / retry (with its delay) / failed.
 pub fn outcome_row(
     msg: &OutboxMessage,
+    connector: &str,
     result: Result<Receipt, DeliveryError>,
     common: Option<&crate::config::ProfileCommon>,
     duration_ms: i32,
@@ -389,7 +393,7 @@ pub fn outcome_row(
     };
     match result {
         Ok(r) => {
-            tracing::debug!(message_id = %msg.id, profile = %msg.profile, attempt = msg.attempt, provider_id = ?r.provider_id, "delivered");
+            tracing::debug!(message_id = %msg.id, profile = %msg.profile, connector, attempt = msg.attempt, provider_id = r.provider_id.as_deref().unwrap_or(""), "delivered");
             OutcomeRow {
                 remote_status: r.remote_status,
                 provider_id: r.provider_id,
@@ -408,11 +412,11 @@ pub fn outcome_row(
             };
             let (outcome, delay) = match decision {
                 RetryDecision::RetryAfter(d) => {
-                    tracing::warn!(message_id = %msg.id, profile = %msg.profile, attempt = msg.attempt, code = e.code(), error = e.reason(), retry_in = ?d, "delivery failed; will retry");
+                    tracing::warn!(message_id = %msg.id, profile = %msg.profile, connector, attempt = msg.attempt, code = e.code(), error = e.reason(), retry_in = ?d, "delivery failed; will retry");
                     ("retry", Some(d.as_millis().min(i32::MAX as u128) as i32))
                 }
                 RetryDecision::GiveUp => {
-                    tracing::error!(message_id = %msg.id, profile = %msg.profile, attempt = msg.attempt, code = e.code(), error = e.reason(), "delivery failed for good");
+                    tracing::error!(message_id = %msg.id, profile = %msg.profile, connector, attempt = msg.attempt, code = e.code(), error = e.reason(), "delivery failed for good");
                     ("failed", None)
                 }
             };
