@@ -2,8 +2,9 @@
 //! `<id>.json` file in a spool directory). Needs no credentials; the default configuration and the
 //! demo route `file.agent` here.
 //!
-//! Invariant: a line is written with one `write` call on a file opened for appending, so lines of
-//! concurrent deliveries never interleave.
+//! Invariant: a line is written with one `write` call on a file opened for appending, under a
+//! mutex, so lines of concurrent deliveries never interleave. The file stays open; a SIGHUP reload
+//! builds a new connector, which reopens it (rotate the spool, then HUP).
 
 use std::path::PathBuf;
 
@@ -38,7 +39,8 @@ pub struct FileConnector {
     target: Target,
     content_json: bool,
     fsync: bool,
-    lock: Mutex<()>,
+    /// The open spool file (lines mode), opened on first delivery.
+    file: Mutex<Option<tokio::fs::File>>,
 }
 
 enum Target {
@@ -63,7 +65,7 @@ impl FileConnector {
             target,
             content_json: cfg.content_json,
             fsync: cfg.fsync,
-            lock: Mutex::new(()),
+            file: Mutex::new(None),
         })
     }
 
@@ -105,22 +107,38 @@ impl Connector for FileConnector {
             Target::Lines(path) => {
                 let mut line = serde_json::to_vec(&record).expect("json value serializes");
                 line.push(b'\n');
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    tokio::fs::create_dir_all(dir).await.map_err(io_error)?;
+                let mut slot = self.file.lock().await;
+                if slot.is_none() {
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        tokio::fs::create_dir_all(dir).await.map_err(io_error)?;
+                    }
+                    let f = tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .await
+                        .map_err(io_error)?;
+                    *slot = Some(f);
                 }
-                let _guard = self.lock.lock().await;
-                let mut f = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await
-                    .map_err(io_error)?;
-                let offset = f.metadata().await.map_err(io_error)?.len();
-                f.write_all(&line).await.map_err(io_error)?;
-                if self.fsync {
-                    f.sync_data().await.map_err(io_error)?;
+                let f = slot.as_mut().expect("opened above");
+                let written = async {
+                    let offset = f.metadata().await?.len();
+                    f.write_all(&line).await?;
+                    if self.fsync {
+                        f.sync_data().await?;
+                    }
+                    f.flush().await?;
+                    Ok::<u64, std::io::Error>(offset)
                 }
-                f.flush().await.map_err(io_error)?;
+                .await;
+                let offset = match written {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // Reopen next time: the file may have been removed or its disk replaced.
+                        *slot = None;
+                        return Err(io_error(e));
+                    }
+                };
                 Ok(Receipt {
                     provider_id: Some(format!("{}#{offset}", path.display())),
                     ..Receipt::default()
