@@ -371,7 +371,7 @@ BEGIN
                updated_at = now()
           FROM input i
          WHERE m.id = i.id AND m.state = 'sending' AND m.lease_owner = p_worker
-        RETURNING m.id, m.state, m.agent_id, m.profile, m.address, m.subject
+        RETURNING m.id, m.state, m.agent_id, m.profile, m.address, m.subject, i.reply, i.outcome
     ), attempts AS (
         INSERT INTO outbox.attempts (message_id, attempt, worker, outcome, error_code, error_text,
                                      remote_status, provider_message_id, duration_ms)
@@ -380,9 +380,11 @@ BEGIN
           FROM input i JOIN outbox.messages m ON m.id = i.id
     ), replies AS (
         INSERT INTO outbox.messages (class, parent, agent_id, profile, address, subject, content)
-        SELECT 'inbox', u.id, u.agent_id, u.profile, u.address, u.subject, i.reply
-          FROM input i JOIN updated u ON u.id = i.id
-         WHERE i.reply IS NOT NULL AND i.outcome = 'done'
+        -- From `updated` alone: joined back to `input` (estimated at one row) this was a nested
+        -- loop, O(rows²) per batch.
+        SELECT 'inbox', u.id, u.agent_id, u.profile, u.address, u.subject, u.reply
+          FROM updated u
+         WHERE u.reply IS NOT NULL AND u.outcome = 'done'
     )
     SELECT u.id, u.state FROM updated u;
 END
