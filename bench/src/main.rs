@@ -48,7 +48,7 @@ pub struct Opts {
     #[arg(long, default_value_t = 10)]
     pub rate_secs: u64,
     /// …from this many concurrent producers (one connection each).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub producers: usize,
     /// Backlog for the memory scenario.
     #[arg(long, default_value_t = 1_000_000)]

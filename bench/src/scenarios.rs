@@ -417,7 +417,7 @@ impl Bench {
             if f.calls > 0 && f.total_ms > 10.0 {
                 self.report.row(
                     "hot path",
-                    &format!("{} ({})", f.name, system.name()),
+                    &format!("{} ({tag})", f.name),
                     format!("{} calls", thousands(f.calls as f64)),
                     format!(
                         "{:.0} msgs/call; {:.2} ms/call total, {:.2} self; {:.1} s in all",
