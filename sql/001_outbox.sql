@@ -138,7 +138,10 @@ CREATE TABLE outbox.messages (
     content             text,
     label               text,
     description         text,
-    state               text NOT NULL DEFAULT 'created' REFERENCES outbox.states (code),
+    -- A CHECK, not a foreign key to outbox.states: a key check per state change would be a row
+    -- lock on the states table in every hot-path update.
+    state               text NOT NULL DEFAULT 'created'
+                        CHECK (state IN ('created', 'prepared', 'sending', 'submitted', 'failed', 'deleted')),
     priority            integer NOT NULL DEFAULT 0,
     send_at             timestamptz,
     next_attempt_at     timestamptz NOT NULL DEFAULT now(),
@@ -161,12 +164,19 @@ CREATE UNIQUE INDEX messages_agent_code_key ON outbox.messages (agent_id, code) 
 -- The claim query walks this index only.
 CREATE INDEX messages_due_idx ON outbox.messages (priority DESC, next_attempt_at) WHERE state = 'prepared';
 CREATE INDEX messages_lease_idx ON outbox.messages (lease_expires_at) WHERE state = 'sending';
-CREATE INDEX messages_state_idx ON outbox.messages (state, created_at);
+-- For api.outbox('created' | 'failed' | 'deleted'); prepared and sending have their own indexes
+-- above, and leaving submitted out keeps the hot path's two updates from writing here.
+CREATE INDEX messages_state_idx ON outbox.messages (state, created_at)
+    WHERE state IN ('created', 'failed', 'deleted');
 CREATE INDEX messages_parent_idx ON outbox.messages (parent) WHERE parent IS NOT NULL;
 
 CREATE TABLE outbox.attempts (
     id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    message_id          uuid NOT NULL REFERENCES outbox.messages (id) ON DELETE CASCADE,
+    -- No foreign key, here and in outbox.history: both are append-only logs written by the same
+    -- statements that change the message, and a per-row key check (a row lock on the message)
+    -- would cost the hot path as much as the log itself. outbox.purge deletes them with their
+    -- messages.
+    message_id          uuid NOT NULL,
     attempt             integer NOT NULL,
     worker              text,
     -- done | retry | failed | interrupted
@@ -182,7 +192,7 @@ CREATE INDEX attempts_message_idx ON outbox.attempts (message_id, attempt);
 
 CREATE TABLE outbox.history (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    message_id  uuid NOT NULL REFERENCES outbox.messages (id) ON DELETE CASCADE,
+    message_id  uuid NOT NULL,
     old_state   text,
     new_state   text NOT NULL,
     action      text NOT NULL,
@@ -254,55 +264,47 @@ $$;
 CREATE FUNCTION outbox.on_messages_update() RETURNS trigger
 LANGUAGE plpgsql SET enable_nestloop = off AS $$
 DECLARE
-    v_bad record;
     v_action text := nullif(current_setting('outbox.action', true), '');
-    v_count integer;
-    v_first uuid;
+    v_actor  text := outbox.actor();
+    v_bad    uuid;
+    v_old    text;
+    v_new    text;
+    v_count  bigint;
+    v_ids    uuid[];
 BEGIN
-    WITH changed AS (
-        SELECT n.id, o.state AS old_state, n.state AS new_state
-          FROM new_rows n JOIN old_rows o USING (id)
-         WHERE n.state IS DISTINCT FROM o.state
-    )
-    SELECT c.id, c.old_state, c.new_state INTO v_bad
-      FROM changed c
-     WHERE NOT EXISTS (SELECT 1 FROM outbox.transitions t
-                        WHERE t.from_state = c.old_state AND t.to_state = c.new_state)
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'ERR-400-032: message % cannot go from state "%" to state "%"',
-            v_bad.id, v_bad.old_state, v_bad.new_state
-            USING ERRCODE = 'check_violation';
-    END IF;
-
+    -- One pass: pair the old and new rows, give each state change its action (the one the caller
+    -- named in outbox.action when it fits, else the public one, else an internal one), log it.
+    -- A change no transition allows gets no action; it is reported below, which aborts the
+    -- statement and with it the history rows just written.
     WITH changed AS (
         SELECT n.id, o.state AS old_state, n.state AS new_state
           FROM new_rows n JOIN old_rows o USING (id)
          WHERE n.state IS DISTINCT FROM o.state
     ), resolved AS (
-        SELECT c.id, c.old_state, c.new_state,
-               coalesce(
-                   (SELECT t.action FROM outbox.transitions t
-                     WHERE t.from_state = c.old_state AND t.to_state = c.new_state AND t.action = v_action),
-                   (SELECT min(t.action) FROM outbox.transitions t JOIN outbox.actions a ON a.code = t.action
-                     WHERE t.from_state = c.old_state AND t.to_state = c.new_state AND NOT a.internal),
-                   (SELECT min(t.action) FROM outbox.transitions t
-                     WHERE t.from_state = c.old_state AND t.to_state = c.new_state)) AS action
+        SELECT DISTINCT ON (c.id) c.id, c.old_state, c.new_state, t.action, t.notify
           FROM changed c
+          LEFT JOIN (outbox.transitions t JOIN outbox.actions a ON a.code = t.action)
+                 ON t.from_state = c.old_state AND t.to_state = c.new_state
+         ORDER BY c.id, (t.action = v_action) DESC NULLS LAST, a.internal, t.action
     ), logged AS (
         INSERT INTO outbox.history (message_id, old_state, new_state, action, changed_by)
-        SELECT r.id, r.old_state, r.new_state, r.action, outbox.actor() FROM resolved r
-        RETURNING message_id, action
+        SELECT r.id, r.old_state, r.new_state, r.action, v_actor FROM resolved r
+         WHERE r.action IS NOT NULL
     )
-    SELECT count(*) FILTER (WHERE t.notify), (array_agg(l.message_id) FILTER (WHERE t.notify))[1]
-      INTO v_count, v_first
-      FROM logged l JOIN resolved r ON r.id = l.message_id
-      JOIN outbox.transitions t ON t.from_state = r.old_state AND t.action = l.action;
+    SELECT (SELECT r.id FROM resolved r WHERE r.action IS NULL LIMIT 1),
+           (SELECT count(*) FROM resolved r WHERE r.notify),
+           ARRAY(SELECT r.id FROM resolved r WHERE r.notify LIMIT 16)
+      INTO v_bad, v_count, v_ids;
 
+    IF v_bad IS NOT NULL THEN
+        SELECT o.state, n.state INTO v_old, v_new
+          FROM old_rows o JOIN new_rows n USING (id) WHERE o.id = v_bad;
+        RAISE EXCEPTION 'ERR-400-032: message % cannot go from state "%" to state "%"',
+            v_bad, v_old, v_new
+            USING ERRCODE = 'check_violation';
+    END IF;
     IF v_count > 0 THEN
-        PERFORM outbox.notify_prepared(v_count, v_first, ARRAY(
-            SELECT n.id FROM new_rows n JOIN old_rows o USING (id)
-             WHERE n.state = 'prepared' AND o.state IN ('created', 'submitted', 'failed') LIMIT 16));
+        PERFORM outbox.notify_prepared(v_count::integer, v_ids[1], v_ids);
     END IF;
     RETURN NULL;
 END

@@ -449,6 +449,38 @@ BEGIN
 END
 $$;
 
+--------------------------------------------------------------------------------------------------
+-- Housekeeping
+--------------------------------------------------------------------------------------------------
+
+-- Deletes finished outbox messages (submitted, failed, deleted) last changed before
+-- now() - p_older_than, with their inbox replies, attempts and history. Returns how many outbox
+-- messages went. Run it from cron or pg_cron, e.g. SELECT outbox.purge('30 days').
+CREATE FUNCTION outbox.purge(p_older_than interval) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    WITH doomed AS (
+        SELECT d.id FROM outbox.messages d
+         WHERE d.class = 'outbox' AND d.state IN ('submitted', 'failed', 'deleted')
+           AND d.updated_at < now() - p_older_than
+    ), family AS (
+        SELECT id FROM doomed
+        UNION ALL
+        SELECT r.id FROM outbox.messages r JOIN doomed d ON r.parent = d.id WHERE r.class = 'inbox'
+    ), logs AS (
+        DELETE FROM outbox.history h WHERE h.message_id IN (SELECT id FROM family)
+    ), tries AS (
+        DELETE FROM outbox.attempts t WHERE t.message_id IN (SELECT id FROM family)
+    ), gone AS (
+        DELETE FROM outbox.messages m WHERE m.id IN (SELECT id FROM family) RETURNING m.class
+    )
+    SELECT count(*) FILTER (WHERE class = 'outbox') INTO v_count FROM gone;
+    RETURN v_count;
+END
+$$;
+
 INSERT INTO outbox.schema_migrations (version, name) VALUES (2, 'api');
 
 COMMIT;

@@ -334,3 +334,22 @@ async fn the_binary_reloads_on_hup_and_drains_on_term() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_daemons_sessions_use_the_configured_synchronous_commit() {
+    let db = TestDb::new().await;
+    assert_eq!(Config::default().synchronous_commit, "off");
+    for setting in ["off", "on"] {
+        let pool = outboxd::db::Db::connect_with(&db.url, 2, Duration::from_secs(5), Some(setting))
+            .unwrap();
+        let c = pool.pool().get().await.unwrap();
+        let shown: String = c
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(shown, setting);
+    }
+    let e = parse_main("synchronous_commit = \"sometimes\"").unwrap_err();
+    assert!(e.contains("key `synchronous_commit`"), "{e}");
+}

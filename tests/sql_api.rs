@@ -506,3 +506,60 @@ async fn migrations_apply_once() {
         .get(0);
     assert_eq!(n as usize, outboxd::db::migrate::MIGRATIONS.len());
 }
+
+#[tokio::test]
+async fn purge_removes_old_finished_messages_with_their_logs_and_replies() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let done = message_in(&c, "submitted").await;
+    let failed = message_in(&c, "failed").await;
+    let waiting = message_in(&c, "prepared").await;
+    c.query_one(
+        "SELECT api.add_inbox($1, 'file.agent'::text, NULL, 'default', 'a', 's', 'reply')",
+        &[&done],
+    )
+    .await
+    .unwrap();
+    // Nothing is old enough yet.
+    let n: i32 = c
+        .query_one("SELECT outbox.purge('1 hour')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let n: i32 = c
+        .query_one("SELECT outbox.purge('0 seconds')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    for (table, col) in [
+        ("outbox.messages", "id"),
+        ("outbox.history", "message_id"),
+        ("outbox.attempts", "message_id"),
+    ] {
+        let left: i64 = c
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE {col} = ANY ($1)"),
+                &[&vec![done, failed]],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "{table}");
+    }
+    let replies: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.messages WHERE class = 'inbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(replies, 0);
+    assert_eq!(
+        state_of(&c, waiting).await,
+        "prepared",
+        "unfinished messages stay"
+    );
+}

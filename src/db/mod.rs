@@ -118,10 +118,28 @@ const RECORD: &str =
 impl Db {
     /// Builds a pool (connections are opened lazily).
     pub fn connect(url: &str, pool_size: usize, timeout: Duration) -> Result<Db, DbError> {
+        Self::connect_with(url, pool_size, timeout, None)
+    }
+
+    /// Builds a pool whose sessions use `synchronous_commit` (when given).
+    pub fn connect_with(
+        url: &str,
+        pool_size: usize,
+        timeout: Duration,
+        synchronous_commit: Option<&str>,
+    ) -> Result<Db, DbError> {
         let mut pg =
             tokio_postgres::Config::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
         if pg.get_application_name().is_none() {
             pg.application_name("outboxd");
+        }
+        if let Some(sc) = synchronous_commit {
+            let mut options = pg.get_options().map(str::to_string).unwrap_or_default();
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c synchronous_commit={sc}"));
+            pg.options(&options);
         }
         pg.connect_timeout(timeout);
         pg.keepalives(true);

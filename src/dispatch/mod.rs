@@ -105,7 +105,12 @@ pub async fn run(
         crate::db::migrate::prepare_database(cfg.database_url.expose(), cfg.create_database)
             .await?;
     }
-    let db = Db::connect(cfg.database_url.expose(), cfg.pool_size, cfg.db_timeout)?;
+    let db = Db::connect_with(
+        cfg.database_url.expose(),
+        cfg.pool_size,
+        cfg.db_timeout,
+        Some(&cfg.synchronous_commit),
+    )?;
     let worker = cfg.worker_id.clone().unwrap_or_else(default_worker_id);
     tracing::info!(
         worker = %worker,
