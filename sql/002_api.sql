@@ -391,7 +391,9 @@ END
 $$;
 
 -- Reclaims messages whose lease expired (their daemon died or hung): back to prepared, due now.
--- The interrupted attempt is recorded but does not count against max_attempts.
+-- The interrupted attempt is recorded but does not count against max_attempts — except that a
+-- message whose lease expired 5 times (it kills or hangs every daemon that takes it) is failed
+-- with code lease-expired instead of being handed out forever.
 CREATE FUNCTION outbox.reclaim_expired(p_worker text) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -400,12 +402,16 @@ BEGIN
     PERFORM set_config('outbox.action', 'reclaim', true);
     PERFORM set_config('outbox.actor', p_worker, true);
     WITH expired AS (
-        SELECT e.id, e.lease_owner, e.attempts FROM outbox.messages e
+        SELECT e.id, e.lease_owner, e.attempts,
+               (SELECT count(*) FROM outbox.attempts t
+                 WHERE t.message_id = e.id AND t.error_code = 'lease-expired') AS expiries
+          FROM outbox.messages e
          WHERE e.state = 'sending' AND e.lease_expires_at < now()
          FOR UPDATE SKIP LOCKED
     ), updated AS (
         UPDATE outbox.messages m
-           SET state = 'prepared', next_attempt_at = now(), attempts = greatest(m.attempts - 1, 0),
+           SET state = CASE WHEN e.expiries >= 4 THEN 'failed' ELSE 'prepared' END,
+               next_attempt_at = now(), attempts = greatest(m.attempts - 1, 0),
                lease_owner = NULL, lease_expires_at = NULL, last_error_code = 'lease-expired',
                updated_at = now()
           FROM expired e
@@ -413,8 +419,11 @@ BEGIN
         RETURNING m.id
     ), logged AS (
         INSERT INTO outbox.attempts (message_id, attempt, worker, outcome, error_code, error_text)
-        SELECT e.id, e.attempts, e.lease_owner, 'interrupted', 'lease-expired',
-               'the lease expired before the outcome was recorded (daemon killed or hung)'
+        SELECT e.id, e.attempts, e.lease_owner,
+               CASE WHEN e.expiries >= 4 THEN 'failed' ELSE 'interrupted' END, 'lease-expired',
+               CASE WHEN e.expiries >= 4
+                    THEN 'the lease expired for the 5th time: the message kills or hangs every daemon that takes it'
+                    ELSE 'the lease expired before the outcome was recorded (daemon killed or hung)' END
           FROM expired e JOIN updated u ON u.id = e.id
     )
     SELECT count(*) INTO v_count FROM updated;

@@ -563,3 +563,35 @@ async fn purge_removes_old_finished_messages_with_their_logs_and_replies() {
         "unfinished messages stay"
     );
 }
+
+#[tokio::test]
+async fn a_message_whose_lease_expires_five_times_fails_instead_of_looping() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let id = message_in(&c, "prepared").await;
+    for round in 1..=5 {
+        let claimed = c
+            .query("SELECT id FROM outbox.claim('crashy', 1, 1)", &[])
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "round {round}: claimable again");
+        wait_for(Duration::from_secs(5), "the lease to expire", || async {
+            let n: i32 = c
+                .query_one("SELECT outbox.reclaim_expired('reaper')", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        })
+        .await;
+        let expect = if round < 5 { "prepared" } else { "failed" };
+        assert_eq!(state_of(&c, id).await, expect, "round {round}");
+    }
+    let a = attempts(&c, id).await;
+    assert_eq!(a.len(), 5);
+    assert!(a[..4].iter().all(|x| x.1 == "interrupted"));
+    assert_eq!(
+        (a[4].1.as_str(), a[4].2.as_deref()),
+        ("failed", Some("lease-expired"))
+    );
+}
