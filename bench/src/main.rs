@@ -89,6 +89,9 @@ pub struct Opts {
     /// Directory of the graphile-worker peer.
     #[arg(long, default_value = "bench/peers/graphile")]
     pub peer_dir: PathBuf,
+    /// Directory of the nodemailer peer of the SMTP scenario (skipped with --no-peer).
+    #[arg(long, default_value = "bench/peers/nodemailer")]
+    pub nodemailer_dir: PathBuf,
     /// pgbench clients for the floor (the best run is reported).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub floor_clients: Vec<usize>,

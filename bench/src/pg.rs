@@ -26,9 +26,11 @@ pub struct BenchDb {
 }
 
 impl BenchDb {
-    /// Creates `outboxd_bench_<tag>` (dropping a leftover of the same name first).
+    /// Creates `outboxd_bench_<tag>` (dropping a leftover of the same name first; the prefix is
+    /// `BENCH_DB_PREFIX` when set, so that two runs on one PostgreSQL do not drop each other's).
     pub async fn create(admin: &str, tag: &str) -> anyhow::Result<BenchDb> {
-        let name = format!("outboxd_bench_{tag}");
+        let prefix = std::env::var("BENCH_DB_PREFIX").unwrap_or_else(|_| "outboxd_bench".into());
+        let name = format!("{prefix}_{tag}");
         let c = connect(admin).await?;
         c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await?;

@@ -115,6 +115,7 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
     if opts.wants("smtp") {
         b.burn(System::Outboxd, None, opts.smtp_messages, true)
             .await?;
+        b.nodemailer(opts.smtp_messages).await?;
     }
     if opts.wants("peer") && !opts.no_peer {
         b.peer(peer_messages).await?;
@@ -823,6 +824,97 @@ impl Bench {
         Ok(())
     }
 
+    /// nodemailer (pooled, `maxConnections` = the smtp pool size, as many mails in flight as
+    /// outboxd's `concurrency`) sending the smtp scenario's mails to the same SMTP sink; rate =
+    /// mails / (first receipt → every sendMail resolved). A row says why when it is skipped.
+    async fn nodemailer(&mut self, count: u64) -> anyhow::Result<()> {
+        let label = format!(
+            "nodemailer → SMTP sink, {} mails, maxConnections {}",
+            thousands(count as f64),
+            self.settings.smtp_pool_size
+        );
+        let dir = self.opts.nodemailer_dir.clone();
+        let skip = if self.opts.no_peer {
+            Some("skipped (--no-peer)".to_string())
+        } else if command_version("node", &["--version"]) == "not installed" {
+            Some("skipped (Node.js not found)".to_string())
+        } else if !dir.join("node_modules/nodemailer").exists() {
+            Some(format!(
+                "skipped (nodemailer not installed: run {}/install.sh)",
+                dir.display()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = skip {
+            self.report.row("smtp", &label, "-", why);
+            return Ok(());
+        }
+        self.fresh();
+        let from = self.take_numbers(count);
+        let spawned = Instant::now();
+        let out = tokio::process::Command::new("node")
+            .arg(dir.join("send.mjs"))
+            .env("SMTP_HOST", self.sink.smtp_addr.ip().to_string())
+            .env("SMTP_PORT", self.sink.smtp_addr.port().to_string())
+            .env("FROM_N", from.to_string())
+            .env("COUNT", count.to_string())
+            .env("POOL", self.settings.smtp_pool_size.to_string())
+            .env("IN_FLIGHT", self.settings.concurrency.to_string())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(self.opts.timeout_secs), out)
+            .await
+            .context("nodemailer peer timed out")?
+            .context("run node (is Node.js installed?)")?;
+        let done_at = Instant::now();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "nodemailer peer failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let own: serde_json::Value = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
+        let delivered = self.sink.count();
+        anyhow::ensure!(
+            delivered >= count,
+            "nodemailer: only {delivered} of {count} mails reached the sink ({stdout})"
+        );
+        let first = (from..from + count)
+            .filter_map(|n| self.sink.arrival(n))
+            .min()
+            .unwrap_or(spawned);
+        let steady = done_at.duration_since(first).as_secs_f64();
+        let rate = count as f64 / steady;
+        self.report.row(
+            "smtp",
+            &label,
+            format!("{} msg/s", thousands(rate)),
+            format!(
+                "first receipt→all sent {steady:.2}s; start-up {:.2}s; its own clock {} msg/s; dup {}",
+                first.duration_since(spawned).as_secs_f64(),
+                own["messages_per_s"]
+                    .as_f64()
+                    .map_or("?".to_string(), thousands),
+                self.sink.duplicates()
+            ),
+        );
+        self.report.set(
+            "smtp",
+            "nodemailer",
+            json!({"messages": count, "messages_per_s": rate, "steady_s": steady,
+                   "startup_s": first.duration_since(spawned).as_secs_f64(),
+                   "duplicates": self.sink.duplicates(), "own": own}),
+        );
+        Ok(())
+    }
+
     /// graphile-worker: burn-down over the concurrency sweep, latency at the best setting.
     async fn peer(&mut self, count: u64) -> anyhow::Result<()> {
         if !self
@@ -898,6 +990,18 @@ impl Bench {
                 "target ≥40 %".to_string(),
                 json!(o / fl),
                 "vs_floor",
+            ));
+        }
+        if let (Some(o), Some(n)) = (
+            f["smtp"]["outboxd"]["messages_per_s"].as_f64(),
+            f["smtp"]["nodemailer"]["messages_per_s"].as_f64(),
+        ) {
+            rows.push((
+                "outboxd SMTP / nodemailer",
+                format!("{:.2}×", o / n),
+                "target ≥5×".to_string(),
+                json!(o / n),
+                "smtp_vs_nodemailer",
             ));
         }
         let seq_p = |k: &str, q: &str| f["latency"]["outboxd"][k][q].as_f64();

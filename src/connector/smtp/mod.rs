@@ -1,6 +1,6 @@
 //! The `smtp` connector (`email.agent` / `smtp.agent`): sends e-mail through an SMTP server with
-//! lettre, over pooled connections that are reused across messages (Apostol opened one per
-//! message).
+//! lettre's SMTP client, over pooled TCP_NODELAY connections that are reused across messages
+//! (Apostol opened one per message; see [`pool`] for why not lettre's own pool).
 //!
 //! - `address` holds the recipients (comma-separated); the profile gives the server, credentials
 //!   and sender; `content` is a complete RFC 5322 message, a JSON form, or a text/HTML body
@@ -13,26 +13,26 @@
 //! - The provider id is the server's queue id from the reply to DATA when it gives one, else the
 //!   Message-ID (`<outbox id@sender domain>`, the same on every retry so receivers can de-duplicate).
 //!
-//! Invariants: one transport (and so one pool) per profile, created on first use inside the
-//! daemon's runtime; an SMTP transaction, once started, runs to its end even if the delivery is
+//! Invariants: one pool per profile, its reaper task spawned on first use inside the daemon's
+//! runtime; an SMTP transaction, once started, runs to its end even if the delivery is
 //! abandoned, so no half-used connection goes back to the pool; `healthcheck` never opens a
 //! connection.
 
 pub mod config;
 pub mod content;
+pub mod pool;
 pub mod services;
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use lettre::address::Envelope as SmtpEnvelope;
 use lettre::message::Mailbox;
-use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
-use lettre::transport::smtp::{AsyncSmtpTransportBuilder, PoolConfig};
-use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::Address;
 
 pub use config::{AuthMethod, SmtpConfig, TlsMode};
 
@@ -43,9 +43,7 @@ use content::{Built, Form};
 pub struct SmtpConnector {
     name: String,
     from: Mailbox,
-    builder: AsyncSmtpTransportBuilder,
-    /// Built on first delivery: lettre's pool spawns its reaper task on the current runtime.
-    transport: OnceLock<AsyncSmtpTransport<Tokio1Executor>>,
+    pool: Arc<pool::Pool>,
 }
 
 impl SmtpConnector {
@@ -71,39 +69,35 @@ impl SmtpConnector {
             TlsMode::Starttls => Tls::Required(tls_parameters()?),
             TlsMode::Tls => Tls::Wrapper(tls_parameters()?),
         };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(r.host.clone())
-            .port(r.port)
-            .tls(tls)
-            .timeout(Some(r.timeout))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(r.pool_size)
-                    .idle_timeout(r.pool_idle_timeout),
-            );
-        if let Some(h) = &r.hello_name {
-            builder = builder.hello_name(ClientId::Domain(h.clone()));
-        }
-        if let Some((user, pass)) = &r.credentials {
-            builder =
-                builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
-        }
-        if let Some(m) = r.auth_method {
-            builder = builder.authentication(vec![match m {
-                AuthMethod::Plain => Mechanism::Plain,
-                AuthMethod::Login => Mechanism::Login,
-                AuthMethod::Xoauth2 => Mechanism::Xoauth2,
-            }]);
-        }
+        let settings = pool::Settings {
+            host: r.host.clone(),
+            port: r.port,
+            tls,
+            hello_name: r
+                .hello_name
+                .as_ref()
+                .map_or_else(ClientId::default, |h| ClientId::Domain(h.clone())),
+            credentials: r
+                .credentials
+                .as_ref()
+                .map(|(user, pass)| Credentials::new(user.clone(), pass.expose().to_string())),
+            mechanisms: match r.auth_method {
+                Some(m) => vec![match m {
+                    AuthMethod::Plain => Mechanism::Plain,
+                    AuthMethod::Login => Mechanism::Login,
+                    AuthMethod::Xoauth2 => Mechanism::Xoauth2,
+                }],
+                None => DEFAULT_MECHANISMS.to_vec(),
+            },
+            timeout: r.timeout,
+            pool_size: r.pool_size,
+            idle_timeout: r.pool_idle_timeout,
+        };
         Ok(SmtpConnector {
             name: format!("smtp/{profile}"),
             from: r.from,
-            builder,
-            transport: OnceLock::new(),
+            pool: pool::Pool::new(settings),
         })
-    }
-
-    fn transport(&self) -> &AsyncSmtpTransport<Tokio1Executor> {
-        self.transport.get_or_init(|| self.builder.clone().build())
     }
 
     /// The bytes to send and the envelope recipients, from the message's form.
@@ -186,6 +180,17 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> DeliveryError {
     }
 }
 
+/// The house classification of a failed pooled transaction.
+fn classify_send(e: pool::SendError) -> DeliveryError {
+    match e {
+        pool::SendError::Smtp(e) => classify(&e),
+        pool::SendError::Connect(e) => {
+            DeliveryError::retry("smtp-connect", format!("Connection error: {e}"))
+        }
+        pool::SendError::Timeout(what) => DeliveryError::retry("timeout", what),
+    }
+}
+
 /// lettre reports a failed TLS handshake (STARTTLS or implicit) as a connection error whose
 /// io::Error has kind `InvalidData` (how tokio-rustls wraps `rustls::Error`, e.g. an untrusted
 /// certificate); a refused or reset TCP connection has other kinds.
@@ -250,15 +255,17 @@ impl Connector for SmtpConnector {
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let (built, message_id) = self.prepare(msg)?;
         let envelope = envelope(&self.from, &built)?;
+        // Waiting for a free slot is cancellable: nothing has been sent yet.
+        let permit = self.pool.permit().await;
         // The transaction runs in its own task: if the dispatcher's timeout (or a shutdown) drops
-        // this future mid-transaction, lettre's pool would take the half-used connection back
-        // as healthy and the next message would read stale replies. Detached, the transaction
-        // ends (bounded by the per-operation timeout) and the connection returns consistent.
-        let transport = self.transport().clone();
-        let resp = tokio::spawn(async move { transport.send_raw(&envelope, &built.bytes).await })
+        // this future mid-transaction, the half-used connection would go back to the pool and
+        // the next message would read stale replies. Detached, the transaction ends (bounded by
+        // the per-operation timeout) and the connection is parked consistent or dropped.
+        let pool = Arc::clone(&self.pool);
+        let resp = tokio::spawn(async move { pool.send(permit, &envelope, &built.bytes).await })
             .await
             .map_err(|e| DeliveryError::retry("smtp-internal", e.to_string()))?
-            .map_err(|e| classify(&e))?;
+            .map_err(classify_send)?;
         Ok(Receipt {
             provider_id: queue_id(&resp).or(message_id),
             remote_status: Some(i32::from(u16::from(resp.code()))),
@@ -305,6 +312,6 @@ mod tests {
             toml::from_str("host = \"127.0.0.1\"\nport = 1\ntls = \"starttls\"").unwrap();
         let c = SmtpConnector::new("noreply@example.com", &cfg).unwrap();
         assert_eq!(c.name(), "smtp/noreply@example.com");
-        assert!(c.transport.get().is_none());
+        assert_eq!(c.pool.idle_count(), 0);
     }
 }
