@@ -16,22 +16,6 @@ fn http_cfg(db: &TestDb, url: &str, extra: &str) -> TestConfig {
     TestConfig::new(db, &[("http", &http_conf(url, extra))])
 }
 
-async fn listening(c: &tokio_postgres::Client) {
-    wait_for(T, "the daemon's LISTEN connection", || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name = 'outboxd-listen' AND query = 'LISTEN outbox'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_daemon_long_before_the_poll() {
     let db = TestDb::new().await;
@@ -40,7 +24,7 @@ async fn notify_wakes_the_daemon_long_before_the_poll() {
     assert_eq!(tc.config.poll_interval, Duration::from_secs(60));
     let d = Daemon::start(tc.config.clone());
     let c = db.client().await;
-    listening(&c).await;
+    wait_listening(&c, T).await;
     let first = send(&c, "http.agent", "default", "/hook", "{\"n\":1}").await;
     wait_state(&c, first, "submitted", T).await;
     // The start-up claims are over; only a notification can bring the next one in time.

@@ -155,19 +155,7 @@ async fn terminated_connections_are_replaced_and_listen_comes_back() {
     assert_eq!(tc.config.poll_interval, Duration::from_secs(60));
     let d = Daemon::start(tc.config.clone());
     let c = db.client().await;
-    let listening = || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name = 'outboxd-listen' AND query = 'LISTEN outbox'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n == 1).then_some(())
-    };
-    wait_for(T, "LISTEN", listening).await;
+    wait_listening(&c, T).await;
     enqueue_bulk(&c, 50, "default").await;
     all_submitted(&c).await;
     let killed: i64 = c
@@ -182,7 +170,7 @@ async fn terminated_connections_are_replaced_and_listen_comes_back() {
     assert!(killed >= 2, "the pool and the LISTEN connection: {killed}");
     // The listener reconnects (and wakes the claim loop); later messages arrive by NOTIFY
     // although the poll is a minute away.
-    wait_for(T, "LISTEN again", listening).await;
+    wait_listening(&c, T).await;
     let id = send(&c, "http.agent", "default", "/after", "{}").await;
     wait_state(&c, id, "submitted", Duration::from_secs(10)).await;
     assert_eq!(rx.count(), 51);

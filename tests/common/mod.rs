@@ -197,6 +197,26 @@ where
     }
 }
 
+/// How many daemon LISTEN connections on `outbox` this database has.
+pub async fn listeners(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'outboxd-listen' AND query = 'LISTEN outbox'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Waits until exactly one daemon LISTENs on this database.
+pub async fn wait_listening(c: &tokio_postgres::Client, timeout: Duration) {
+    wait_for(timeout, "the daemon's LISTEN connection", || async {
+        (listeners(c).await == 1).then_some(())
+    })
+    .await
+}
+
 /// The state code of a message.
 pub async fn state_of(c: &tokio_postgres::Client, id: Uuid) -> String {
     c.query_one("SELECT state FROM outbox.messages WHERE id = $1", &[&id])
