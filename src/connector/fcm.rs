@@ -22,7 +22,9 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::http::{classify_status, classify_transport, parse_retry_after, read_limited, truncate};
+use super::http::{
+    classify_status, classify_transport, parse_retry_after, read_response, truncate,
+};
 use super::token::{self, TokenCache};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
@@ -175,16 +177,7 @@ impl FcmConnector {
             .send()
             .await
             .map_err(|e| classify_transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = read_limited(resp, MAX_RESPONSE_BYTES)
-            .await
-            .map_err(|e| classify_transport(&e))?;
-        Ok((
-            status,
-            headers,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        ))
+        read_response(resp, MAX_RESPONSE_BYTES).await
     }
 }
 

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
-use super::http::{classify_status, classify_transport, read_limited, truncate};
+use super::http::{classify_status, classify_transport, read_response, truncate};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
 
@@ -262,12 +262,7 @@ impl M2mConnector {
             req = req.header(AUTHORIZATION, v.clone());
         }
         let resp = req.send().await.map_err(|e| classify_transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = read_limited(resp, self.max_response_bytes)
-            .await
-            .map_err(|e| classify_transport(&e))?;
-        let text = String::from_utf8_lossy(&bytes);
+        let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         let status_i = status.as_u16() as i32;
         let elements = match parse_elements(&text) {
             Ok(e) => e,
@@ -317,12 +312,7 @@ impl M2mConnector {
             req = req.header(AUTHORIZATION, v.clone());
         }
         let resp = req.send().await.map_err(|e| classify_transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = read_limited(resp, self.max_response_bytes)
-            .await
-            .map_err(|e| classify_transport(&e))?;
-        let text = String::from_utf8_lossy(&bytes);
+        let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &headers));
         }

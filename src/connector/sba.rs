@@ -29,7 +29,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::http::{classify_status, classify_transport, read_limited, truncate};
+use super::http::{classify_status, classify_transport, read_response, truncate};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
 
@@ -168,12 +168,7 @@ impl SbaConnector {
             .send()
             .await
             .map_err(|e| classify_transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = read_limited(resp, self.max_response_bytes)
-            .await
-            .map_err(|e| classify_transport(&e))?;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &headers));
         }

@@ -408,7 +408,7 @@ impl Connector for HttpConnector {
                         .send(&method, &url, with_token(&headers, scheme, &fresh)?, &body)
                         .await?;
                     if resp.status() == StatusCode::UNAUTHORIZED {
-                        let text = self.read_text(resp).await?;
+                        let (_, _, text) = read_response(resp, self.max_response_bytes).await?;
                         return Err(DeliveryError::retry(
                             "token-invalid",
                             format!("HTTP 401 with a fresh token: {}", truncate(&text, 256)),
@@ -419,9 +419,7 @@ impl Connector for HttpConnector {
                 }
             }
         };
-        let status = resp.status();
-        let resp_headers = resp.headers().clone();
-        let text = self.read_text(resp).await?;
+        let (status, resp_headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &resp_headers));
         }
@@ -455,20 +453,6 @@ impl HttpConnector {
             .send()
             .await
             .map_err(|e| classify_send(&e))
-    }
-
-    /// The body as text, at most `max_response_bytes` of it read, NULs replaced (PostgreSQL text
-    /// cannot hold them).
-    async fn read_text(&self, resp: reqwest::Response) -> Result<String, DeliveryError> {
-        let bytes = read_limited(resp, self.max_response_bytes)
-            .await
-            .map_err(|e| classify_transport(&e))?;
-        let text = String::from_utf8_lossy(&bytes);
-        Ok(if text.contains('\0') {
-            text.replace('\0', "\u{FFFD}")
-        } else {
-            text.into_owned()
-        })
     }
 }
 
@@ -504,6 +488,25 @@ fn json_scalar(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// A response's status, headers and body as text (at most `max` bytes read; invalid UTF-8
+/// replaced), transport errors classified. NULs are left to the recorder, which makes every
+/// connector's texts storable.
+pub async fn read_response(
+    resp: reqwest::Response,
+    max: usize,
+) -> Result<(StatusCode, HeaderMap, String), DeliveryError> {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = read_limited(resp, max)
+        .await
+        .map_err(|e| classify_transport(&e))?;
+    Ok((
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
 }
 
 /// Reads at most `max` bytes of a body, dropping the rest (a huge body cannot exhaust memory).
