@@ -340,8 +340,8 @@ async fn the_daemons_sessions_use_the_configured_synchronous_commit() {
     let db = TestDb::new().await;
     assert_eq!(Config::default().synchronous_commit, "off");
     for setting in ["off", "on"] {
-        let pool = outboxd::db::Db::connect_with(&db.url, 2, Duration::from_secs(5), Some(setting))
-            .unwrap();
+        let pool =
+            outboxd::db::Db::connect(&db.url, 2, Duration::from_secs(5), Some(setting)).unwrap();
         let c = pool.pool().get().await.unwrap();
         let shown: String = c
             .query_one("SHOW synchronous_commit", &[])

@@ -43,7 +43,6 @@ pub struct TokenCache {
     max_age: Duration,
     early: Duration,
     state: tokio::sync::Mutex<Option<Cached>>,
-    fetches: std::sync::atomic::AtomicU64,
 }
 
 impl TokenCache {
@@ -55,7 +54,6 @@ impl TokenCache {
             max_age: Duration::from_secs(55 * 60),
             early: Duration::from_secs(60),
             state: tokio::sync::Mutex::new(None),
-            fetches: Default::default(),
         }
     }
 
@@ -78,8 +76,6 @@ impl TokenCache {
             }
         }
         let token = self.source.fetch().await?;
-        self.fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let life = token
             .expires_in
             .saturating_sub(self.early)
@@ -97,11 +93,6 @@ impl TokenCache {
         if state.as_ref().is_some_and(|c| &c.value == stale) {
             *state = None;
         }
-    }
-
-    /// How many tokens were fetched (for tests and metrics).
-    pub fn fetch_count(&self) -> u64 {
-        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -53,17 +53,6 @@ impl DbError {
             _ => None,
         }
     }
-
-    /// The server's message, when there is one.
-    pub fn db_message(&self) -> String {
-        match self {
-            DbError::Query(e) => e
-                .as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string()),
-            other => other.to_string(),
-        }
-    }
 }
 
 /// One delivery outcome, as `outbox.record_outcomes` takes it.
@@ -116,13 +105,9 @@ const RECORD: &str =
     "SELECT count(*) FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 impl Db {
-    /// Builds a pool (connections are opened lazily).
-    pub fn connect(url: &str, pool_size: usize, timeout: Duration) -> Result<Db, DbError> {
-        Self::connect_with(url, pool_size, timeout, None)
-    }
-
-    /// Builds a pool whose sessions use `synchronous_commit` (when given).
-    pub fn connect_with(
+    /// Builds a pool (connections are opened lazily) whose sessions use `synchronous_commit`
+    /// (when given).
+    pub fn connect(
         url: &str,
         pool_size: usize,
         timeout: Duration,

@@ -105,7 +105,7 @@ pub async fn run(
         crate::db::migrate::prepare_database(cfg.database_url.expose(), cfg.create_database)
             .await?;
     }
-    let db = Db::connect_with(
+    let db = Db::connect(
         cfg.database_url.expose(),
         cfg.pool_size,
         cfg.db_timeout,
