@@ -3,14 +3,17 @@
 //! Module map (the data path): [`config`] (files, env, validation, redaction) → [`db`] (pool,
 //! listener, migrations, outbox queries) → [`dispatch`] (claim loop, routing, retry schedule, lease
 //! heartbeat) → [`connector`] (the trait and one file per connector). [`ops`] holds the operator
-//! commands, [`telemetry`] the logging setup, [`shutdown`] the signals.
+//! commands, [`server`] the HTTP server (health, status, metrics, REST enqueue), [`metrics`] the
+//! Prometheus names, [`telemetry`] the logging setup, [`shutdown`] the signals.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod connector;
 pub mod db;
 pub mod dispatch;
+pub mod metrics;
 pub mod ops;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 

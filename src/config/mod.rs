@@ -65,6 +65,9 @@ struct MainFile {
     migrate_on_start: Option<bool>,
     create_database: Option<bool>,
     worker_id: Option<String>,
+    http_listen: Option<String>,
+    http_max_body_bytes: Option<usize>,
+    api_token_file: Option<PathBuf>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -103,6 +106,13 @@ pub struct Config {
     pub create_database: bool,
     /// Name of this daemon in leases and history (default: host-pid-random).
     pub worker_id: Option<String>,
+    /// The HTTP server's address (health, status, metrics, REST enqueue); off when `None`.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Largest request body the HTTP server reads.
+    pub http_max_body_bytes: usize,
+    /// Bearer tokens the REST API accepts: `OUTBOXD_API_TOKEN` (comma-separated) and the lines
+    /// of `api_token_file`. None: every REST call is refused.
+    pub api_tokens: Vec<Secret>,
     /// Connector kind → its `.conf` file.
     pub connectors: BTreeMap<String, PathBuf>,
     /// Agent code → connector kind, on top of the built-in routes.
@@ -128,6 +138,9 @@ impl Default for Config {
             migrate_on_start: true,
             create_database: true,
             worker_id: None,
+            http_listen: None,
+            http_max_body_bytes: 1 << 20,
+            api_tokens: Vec::new(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
             source: "(defaults)".into(),
@@ -151,6 +164,9 @@ const ENV_KEYS: &[&str] = &[
     "migrate_on_start",
     "create_database",
     "worker_id",
+    "http_listen",
+    "http_max_body_bytes",
+    "api_token_file",
 ];
 
 impl Config {
@@ -191,6 +207,28 @@ impl Config {
             deserialize_table(table).map_err(|(key, msg)| ConfigError::new(&file, key, msg))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let d = Config::default();
+        let http_listen = match &main.http_listen {
+            None => None,
+            Some(a) if a.trim().is_empty() => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                ConfigError::new(
+                    &file,
+                    Some("http_listen".into()),
+                    "must be an address with a port, e.g. \"127.0.0.1:8086\"",
+                )
+            })?),
+        };
+        let api_tokens = api_tokens(
+            env("OUTBOXD_API_TOKEN"),
+            main.api_token_file.as_ref().map(|p| {
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    base.join(p)
+                }
+            }),
+            &file,
+        )?;
         let cfg = Config {
             database_url: main.database_url.unwrap_or(d.database_url),
             listen_url: main.listen_url,
@@ -206,6 +244,9 @@ impl Config {
             migrate_on_start: main.migrate_on_start.unwrap_or(d.migrate_on_start),
             create_database: main.create_database.unwrap_or(d.create_database),
             worker_id: main.worker_id,
+            http_listen,
+            http_max_body_bytes: main.http_max_body_bytes.unwrap_or(d.http_max_body_bytes),
+            api_tokens,
             connectors: main
                 .connectors
                 .into_iter()
@@ -280,6 +321,51 @@ impl Config {
         }
         (profiles, errors)
     }
+}
+
+/// The REST API's tokens: comma-separated in `OUTBOXD_API_TOKEN`, one per line in the token file
+/// (blank lines and `#` comments skipped). Shorter than 16 characters is refused: a bearer token
+/// is the only thing between the network and the outbox.
+fn api_tokens(
+    env: Option<String>,
+    file: Option<PathBuf>,
+    source: &str,
+) -> Result<Vec<Secret>, ConfigError> {
+    let mut tokens: Vec<(String, String)> = Vec::new();
+    if let Some(v) = env {
+        for t in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            tokens.push((t.to_string(), "OUTBOXD_API_TOKEN".into()));
+        }
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError::new(
+                source,
+                Some("api_token_file".into()),
+                format!("cannot read {}: {}", path.display(), e.kind()),
+            )
+        })?;
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if !t.is_empty() && !t.starts_with('#') {
+                tokens.push((t.to_string(), format!("{} line {}", path.display(), i + 1)));
+            }
+        }
+    }
+    tokens
+        .into_iter()
+        .map(|(t, from)| {
+            if t.len() < 16 {
+                Err(ConfigError::new(
+                    source,
+                    Some("api_token_file".into()),
+                    format!("the API token from {from} is shorter than 16 characters"),
+                ))
+            } else {
+                Ok(Secret::new(t))
+            }
+        })
+        .collect()
 }
 
 /// An environment value as TOML: integers and booleans typed, everything else a string.

@@ -18,14 +18,16 @@ pub async fn run(
     url: String,
     connect_timeout: Duration,
     wake: Arc<Notify>,
+    stats: Arc<crate::dispatch::stats::Stats>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listen_once(&url, connect_timeout, &wake, &mut backoff) => r,
+            r = listen_once(&url, connect_timeout, &wake, &stats, &mut backoff) => r,
         };
+        stats.set_listener_connected(false);
         if let Err(e) = outcome {
             let e = crate::db::DbError::from(e);
             tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost; polling covers the gap");
@@ -44,6 +46,7 @@ async fn listen_once(
     url: &str,
     connect_timeout: Duration,
     wake: &Notify,
+    stats: &crate::dispatch::stats::Stats,
     backoff: &mut Duration,
 ) -> Result<(), tokio_postgres::Error> {
     let mut cfg: tokio_postgres::Config = url.parse()?;
@@ -75,6 +78,7 @@ async fn listen_once(
         .await
         .unwrap_or_else(|_| Ok(()))?;
     tracing::info!("listening on channel outbox");
+    stats.set_listener_connected(true);
     *backoff = Duration::from_millis(100);
     wake.notify_one();
     loop {

@@ -13,6 +13,7 @@
 
 pub mod retry;
 pub mod router;
+pub mod stats;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -40,6 +41,8 @@ pub enum RunError {
     Db(#[from] DbError),
     #[error("configuration has {} problem(s):\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Config(Vec<ConfigError>),
+    #[error("cannot listen on {0} (http_listen): {1}")]
+    Listen(std::net::SocketAddr, std::io::Error),
 }
 
 /// What the daemon did, returned when it stops.
@@ -58,6 +61,10 @@ pub struct RunReport {
 pub struct Controls {
     /// Reload the profile files (SIGHUP).
     pub reload: Arc<Notify>,
+    /// What the daemon knows about itself (status, metrics).
+    pub stats: Arc<stats::Stats>,
+    /// The HTTP server's bound address, once it listens (`http_listen` with port 0 picks one).
+    pub http_addr: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
 }
 
 /// A short, unique name for this daemon: host-pid-random.
@@ -141,8 +148,29 @@ pub async fn run(
         listen_url,
         cfg.db_timeout,
         wake.clone(),
+        controls.stats.clone(),
         background_stop.clone(),
     ));
+    if let Some(addr) = cfg.http_listen {
+        let listener = crate::server::bind(addr)
+            .await
+            .map_err(|e| RunError::Listen(addr, e))?;
+        if let Ok(bound) = listener.local_addr() {
+            let _ = controls.http_addr.set(bound);
+        }
+        let state = Arc::new(crate::server::AppState::new(
+            shared.db.clone(),
+            controls.stats.clone(),
+            shared.worker.clone(),
+            cfg.api_tokens.clone(),
+        ));
+        background.spawn(crate::server::serve(
+            listener,
+            state,
+            cfg.http_max_body_bytes,
+            background_stop.clone(),
+        ));
+    }
     background.spawn(heartbeat(
         shared.clone(),
         cfg.lease,
@@ -179,6 +207,7 @@ pub async fn run(
     let (done_tx, done_rx) = mpsc::unbounded_channel::<(OutcomeRow, OwnedSemaphorePermit)>();
     let recorder = tokio::spawn(record_loop(
         shared.clone(),
+        controls.stats.clone(),
         done_rx,
         cfg.batch_size.max(500),
         wake.clone(),
@@ -204,6 +233,7 @@ pub async fn run(
                     match shared.db.reclaim_expired(&shared.worker).await {
                         Ok(0) => {}
                         Ok(n) => {
+                            crate::metrics::lease_reclaims(n as u64);
                             tracing::warn!(count = n, "reclaimed messages whose lease expired")
                         }
                         Err(e) => tracing::warn!(error = %e, "reclaim failed"),
@@ -236,6 +266,9 @@ pub async fn run(
                 };
                 let n = claimed.len();
                 shared.report.lock().unwrap().claimed += n as u64;
+                controls
+                    .stats
+                    .set_in_flight(shared.inflight.lock().unwrap().len() + n);
                 for msg in claimed {
                     let permit = slots
                         .clone()
@@ -244,8 +277,13 @@ pub async fn run(
                     shared.inflight.lock().unwrap().insert(msg.id);
                     let route = router.load().resolve(&msg).cloned();
                     let tx = done_tx.clone();
+                    let stats = controls.stats.clone();
                     deliveries.spawn(async move {
+                        let connector = route
+                            .as_ref()
+                            .map_or_else(|_| "-".to_string(), |r| r.connector.name().to_string());
                         let row = deliver_one(&msg, route).await;
+                        observe(&stats, &msg, &connector, &row);
                         let _ = tx.send((row, permit));
                     });
                 }
@@ -377,6 +415,25 @@ async fn deliver_one(
     outcome_row(msg, &connector, result, common.as_ref(), duration_ms)
 }
 
+/// Counts one attempt in the metrics and the per-profile status.
+fn observe(stats: &stats::Stats, msg: &OutboxMessage, connector: &str, row: &OutcomeRow) {
+    let took = Duration::from_millis(row.duration_ms.max(0) as u64);
+    crate::metrics::attempt(
+        &msg.profile,
+        connector,
+        row.outcome,
+        row.error_code.as_deref(),
+        took,
+    );
+    stats.record(connector, row.error_code.as_deref());
+    if row.outcome == "done" {
+        let age = (chrono::Utc::now() - msg.created)
+            .to_std()
+            .unwrap_or_default();
+        crate::metrics::delivered_after(connector, age);
+    }
+}
+
 /// Classifies a result into done / retry (with its delay) / failed.
 pub fn outcome_row(
     msg: &OutboxMessage,
@@ -443,6 +500,7 @@ pub fn outcome_row(
 /// the next poll (other daemons find it by polling).
 async fn record_loop(
     shared: Arc<Shared>,
+    stats: Arc<stats::Stats>,
     mut rx: mpsc::UnboundedReceiver<(OutcomeRow, OwnedSemaphorePermit)>,
     max: usize,
     wake: Arc<Notify>,
@@ -461,6 +519,7 @@ async fn record_loop(
                 Err(_) => break,
             }
         }
+        crate::metrics::recorder_batch(batch.len());
         let mut backoff = Duration::from_millis(50);
         loop {
             match shared.db.record_outcomes(&shared.worker, &batch).await {
@@ -494,6 +553,7 @@ async fn record_loop(
             let mut report = shared.report.lock().unwrap();
             for r in &batch {
                 inflight.remove(&r.id);
+                stats.set_in_flight(inflight.len());
                 match r.outcome {
                     "done" => report.delivered += 1,
                     "retry" => report.retried += 1,
