@@ -4,7 +4,7 @@
 //! listener, migrations, outbox queries) → [`dispatch`] (claim loop, routing, retry schedule, lease
 //! heartbeat) → [`connector`] (the trait and one file per connector). [`ops`] holds the operator
 //! commands, [`server`] the HTTP server (health, status, metrics, REST enqueue), [`metrics`] the
-//! Prometheus names, [`telemetry`] the logging setup, [`shutdown`] the signals.
+//! Prometheus names, [`telemetry`] the logging setup, [`shutdown`] the signals, [`systemd`] the notify protocol.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod ops;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;
 
 pub use dispatch::{run, Controls, RunReport};

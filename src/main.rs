@@ -129,7 +129,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
     match cli.command {
         Command::Run { demo } => {
-            let controls = outboxd::Controls::default();
+            let controls = outboxd::Controls {
+                notifier: outboxd::systemd::Notifier::from_env(),
+                ..Default::default()
+            };
             let stop = outboxd::shutdown::signals(Arc::clone(&controls.reload))?;
             if demo {
                 outboxd::db::migrate::prepare_database(

@@ -65,6 +65,8 @@ pub struct Controls {
     pub stats: Arc<stats::Stats>,
     /// The HTTP server's bound address, once it listens (`http_listen` with port 0 picks one).
     pub http_addr: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    /// systemd's notify socket (disabled unless the binary found `NOTIFY_SOCKET`).
+    pub notifier: crate::systemd::Notifier,
 }
 
 /// A short, unique name for this daemon: host-pid-random.
@@ -176,10 +178,19 @@ pub async fn run(
         cfg.lease,
         background_stop.clone(),
     ));
+    if controls.notifier.enabled() {
+        background.spawn(systemd_loop(
+            shared.clone(),
+            controls.clone(),
+            cfg.clone(),
+            background_stop.clone(),
+        ));
+    }
     {
         let cfg = cfg.clone();
         let router = router.clone();
         let reload = controls.reload.clone();
+        let notifier = controls.notifier;
         let stop = background_stop.clone();
         background.spawn(async move {
             loop {
@@ -187,7 +198,10 @@ pub async fn run(
                     _ = stop.cancelled() => return,
                     _ = reload.notified() => {}
                 }
-                match build_router(&cfg) {
+                notifier.reloading();
+                let result = build_router(&cfg);
+                notifier.ready("profiles reloaded");
+                match result {
                     Ok(r) => {
                         router.store(Arc::new(r));
                         tracing::info!("profiles reloaded");
@@ -228,6 +242,7 @@ pub async fn run(
             let mut reclaim_due = true;
             loop {
                 while deliveries.try_join_next().is_some() {}
+                controls.stats.loop_busy(true);
                 if reclaim_due {
                     reclaim_due = false;
                     match shared.db.reclaim_expired(&shared.worker).await {
@@ -242,6 +257,7 @@ pub async fn run(
                 // Wait for a free delivery slot.
                 let free = slots.available_permits();
                 if free == 0 {
+                    controls.stats.loop_busy(false);
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         p = slots.acquire() => drop(p),
@@ -256,6 +272,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?db_backoff, "claim failed");
+                        controls.stats.loop_busy(false);
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(db_backoff) => {}
@@ -291,6 +308,7 @@ pub async fn run(
                     // Possibly more waiting: go again as soon as there is room.
                     continue;
                 }
+                controls.stats.loop_busy(false);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = wake.notified() => {}
@@ -301,6 +319,7 @@ pub async fn run(
         tokio::select! {
             _ = claim_loop => {}
             _ = &mut shutdown => {
+                controls.notifier.stopping();
                 tracing::info!(in_flight = deliveries.len(), grace = ?cfg.grace_period, "stopping: no new claims, draining");
             }
         }
@@ -587,6 +606,75 @@ async fn record_one_by_one(shared: &Shared, batch: &[OutcomeRow]) {
         };
         if let Err(e) = shared.db.record_outcomes(&shared.worker, &[bare]).await {
             tracing::error!(message_id = %row.id, error = %e, "cannot record the outcome; the lease will expire and the message be retried");
+        }
+    }
+}
+
+/// Under systemd: READY=1 once the LISTEN connection is up (or after `db_timeout`, when polling
+/// has to cover for it), a STATUS= line every poll interval with the queue depth, and WATCHDOG=1
+/// every half `WatchdogSec` while the claim loop is not stuck in a step (see [`crate::systemd`]).
+async fn systemd_loop(
+    shared: Arc<Shared>,
+    controls: Controls,
+    cfg: Config,
+    stop: CancellationToken,
+) {
+    let notifier = controls.notifier;
+    let stats = controls.stats.clone();
+    let listening = async {
+        while !stats.listener_connected() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let ready = if tokio::time::timeout(cfg.db_timeout, listening)
+        .await
+        .is_ok()
+    {
+        "ready: listening on channel outbox"
+    } else {
+        "ready: LISTEN not connected yet, polling"
+    };
+    notifier.ready(ready);
+    let feed_every = notifier
+        .watchdog()
+        .map_or(Duration::from_secs(3600), |w| w / 2);
+    let mut feed = tokio::time::interval(feed_every);
+    let mut report = tokio::time::interval(cfg.poll_interval);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stuck_after = cfg.db_timeout * 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = feed.tick(), if notifier.watchdog().is_some() => {
+                match stats.loop_busy_for() {
+                    Some(busy) if busy > stuck_after => tracing::error!(
+                        busy_for = ?busy,
+                        "the claim loop is stuck; not feeding the systemd watchdog"
+                    ),
+                    _ => notifier.watchdog_ping(),
+                }
+            }
+            _ = report.tick() => {
+                let prepared = shared
+                    .db
+                    .timed("status", async {
+                        let c = shared.db.pool().get().await?;
+                        let row = c
+                            .query_one("SELECT count(*) FROM outbox.messages WHERE state = 'prepared'", &[])
+                            .await?;
+                        Ok(row.get::<_, i64>(0))
+                    })
+                    .await;
+                let r = shared.report.lock().unwrap().clone();
+                let queue = prepared.map_or_else(|_| "database unreachable".to_string(), |n| format!("{n} prepared"));
+                notifier.status(&format!(
+                    "{queue}, {} in flight; delivered {}, retried {}, failed {}",
+                    stats.in_flight(),
+                    r.delivered,
+                    r.retried,
+                    r.failed
+                ));
+            }
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Stats {
     listener_connected: AtomicBool,
     in_flight: AtomicUsize,
     profiles: Mutex<BTreeMap<String, ProfileStats>>,
+    /// When the claim loop's current step (reclaim, claim) started; `None` while it waits.
+    busy_since: Mutex<Option<Instant>>,
 }
 
 /// The last outcomes of one profile (`<kind>/<profile>`, the connector's name).
@@ -41,6 +43,7 @@ impl Default for Stats {
             listener_connected: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             profiles: Mutex::new(BTreeMap::new()),
+            busy_since: Mutex::new(None),
         }
     }
 }
@@ -68,6 +71,16 @@ impl Stats {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The claim loop starts (`true`) or ends (`false`) a step that talks to the database.
+    pub fn loop_busy(&self, busy: bool) {
+        *self.busy_since.lock().unwrap() = busy.then(Instant::now);
+    }
+
+    /// How long the claim loop's current step has been running (`None`: it is waiting).
+    pub fn loop_busy_for(&self) -> Option<std::time::Duration> {
+        self.busy_since.lock().unwrap().map(|t| t.elapsed())
     }
 
     /// Records one attempt's outcome for `connector` (`<kind>/<profile>`); `error_code` is `None`
