@@ -73,7 +73,16 @@ enum Command {
         send_at: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Show counts by state and agent, the oldest prepared message, recent failures.
-    Status,
+    Status {
+        /// Refresh every --interval until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value = "2s")]
+        interval: humantime::Duration,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Repeat failed messages (failed → prepared).
     Retry {
         /// Message ids.
@@ -84,10 +93,50 @@ enum Command {
         /// Only messages whose last error has this code (e.g. http-503).
         #[arg(long)]
         error_code: Option<String>,
-        /// Every failed message.
-        #[arg(long)]
+        /// Only messages that failed since then: a duration ("2h": the last two hours) or an
+        /// RFC 3339 time.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Every failed message (with the other filters: every one that matches them).
+        #[arg(long, visible_alias = "failed")]
         all: bool,
     },
+    /// Cancel prepared messages (prepared → created: kept, not delivered).
+    Cancel {
+        #[arg(required = true)]
+        ids: Vec<uuid::Uuid>,
+    },
+    /// Follow deliveries live: time, message id, agent, profile, outcome, code, latency.
+    Tail {
+        /// Start with the oldest recorded attempt instead of the next new one.
+        #[arg(long)]
+        from_start: bool,
+        #[arg(long, default_value = "500ms")]
+        interval: humantime::Duration,
+    },
+    /// Apply retention now (the `[retention]` settings, or the ages given here).
+    Purge {
+        /// Only report what would be cleared and deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Clear the content of messages finished longer ago than this.
+        #[arg(long)]
+        content_after: Option<humantime::Duration>,
+        /// Delete messages finished longer ago than this.
+        #[arg(long)]
+        delete_after: Option<humantime::Duration>,
+    },
+}
+
+/// `--since`: a duration back from now, or an RFC 3339 time.
+fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let d = chrono::Duration::from_std(d).map_err(|e| e.to_string())?;
+        return Ok(chrono::Utc::now() - d);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| format!("\"{s}\" is neither a duration (2h) nor an RFC 3339 time"))
 }
 
 #[tokio::main]
@@ -201,31 +250,148 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let id = outboxd::ops::send(&connect(&cfg).await?, &m).await?;
             println!("{id}");
         }
-        Command::Status => {
-            print!("{}", outboxd::ops::status(&connect(&cfg).await?).await?);
+        Command::Status {
+            watch,
+            interval,
+            json,
+        } => {
+            let client = connect(&cfg).await?;
+            loop {
+                let s = outboxd::ops::status(&client).await?;
+                if watch && !json {
+                    // Clear the screen and home the cursor, as watch(1) does.
+                    println!("\x1b[2J\x1b[H{}", chrono::Utc::now().to_rfc3339());
+                }
+                if json {
+                    println!("{}", s.to_json());
+                } else {
+                    print!("{s}");
+                }
+                if !watch {
+                    break;
+                }
+                tokio::time::sleep(*interval).await;
+            }
         }
         Command::Retry {
             ids,
             agent,
             error_code,
+            since,
             all,
         } => {
-            if ids.is_empty() && agent.is_none() && error_code.is_none() && !all {
+            if ids.is_empty() && agent.is_none() && error_code.is_none() && since.is_none() && !all
+            {
                 anyhow::bail!(
-                    "name message ids, or filter with --agent / --error-code, or pass --all"
+                    "name message ids, or filter with --agent / --error-code / --since, or pass --failed (--all)"
                 );
             }
             let f = outboxd::ops::RetryFilter {
                 ids,
                 agent,
                 error_code,
+                since,
                 all,
             };
-            let done = outboxd::ops::retry(&connect(&cfg).await?, &f).await?;
+            let done = outboxd::ops::retry(&connect(&cfg).await?, &f, |n, total| {
+                if total >= 100 && (n % 100 == 0 || n == total) {
+                    eprintln!("repeated {n}/{total}");
+                }
+            })
+            .await?;
             for id in &done {
                 println!("{id}");
             }
             eprintln!("{} message(s) repeated", done.len());
+        }
+        Command::Cancel { ids } => {
+            let mut failed = false;
+            for (id, r) in outboxd::ops::cancel(&connect(&cfg).await?, &ids).await {
+                match r {
+                    Ok(state) => println!("{id} {state}"),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("{id} {e}");
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Tail {
+            from_start,
+            interval,
+        } => {
+            let client = connect(&cfg).await?;
+            let mut after = if from_start {
+                0
+            } else {
+                outboxd::ops::last_attempt_seq(&client).await?
+            };
+            loop {
+                let lines = outboxd::ops::attempts_after(&client, after).await?;
+                for l in &lines {
+                    println!("{l}");
+                    after = l.seq;
+                }
+                use std::io::Write as _;
+                std::io::stdout().flush()?;
+                if lines.len() < 1000 {
+                    tokio::time::sleep(*interval).await;
+                }
+            }
+        }
+        Command::Purge {
+            dry_run,
+            content_after,
+            delete_after,
+        } => {
+            let mut r = cfg.retention.clone();
+            if let Some(d) = content_after {
+                r.content_after = Some(*d);
+            }
+            if let Some(d) = delete_after {
+                r.delete_after = Some(*d);
+            }
+            if !r.enabled() {
+                anyhow::bail!(
+                    "nothing to purge: set [retention] content_after / delete_after, or pass --content-after / --delete-after"
+                );
+            }
+            let db = outboxd::db::Db::connect(
+                cfg.database_url.expose(),
+                2,
+                cfg.db_timeout,
+                Some(&cfg.synchronous_commit),
+            )?;
+            if dry_run {
+                let p = outboxd::dispatch::retention::preview(&db, &r).await?;
+                println!("would clear the content of {} message(s)", p.content_rows);
+                println!(
+                    "would delete {} message(s) with their replies, attempts and history",
+                    p.delete_rows
+                );
+            } else {
+                use outboxd::dispatch::retention::Phase;
+                let stop = tokio_util::sync::CancellationToken::new();
+                let p =
+                    outboxd::dispatch::retention::run_once(&db, &r, &stop, |phase, _, total| {
+                        let what = match phase {
+                            Phase::Content => "contents cleared",
+                            Phase::Delete => "messages deleted",
+                        };
+                        eprintln!("{what}: {total}");
+                    })
+                    .await?;
+                if p.busy {
+                    anyhow::bail!("another daemon is purging right now; try again later");
+                }
+                println!(
+                    "cleared the content of {} message(s), deleted {} message(s)",
+                    p.contents_cleared, p.messages_deleted
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

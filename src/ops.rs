@@ -123,18 +123,43 @@ impl std::fmt::Display for Status {
     }
 }
 
+impl Status {
+    /// `outboxd status --json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "queue": self.counts.iter()
+                .map(|(state, agent, n)| serde_json::json!({"state": state, "agent": agent, "count": n}))
+                .collect::<Vec<_>>(),
+            "oldest_prepared_seconds": self.oldest_prepared_secs,
+            "recent_failures": self.recent_failures.iter()
+                .map(|(id, agent, code, text)| serde_json::json!({
+                    "id": id, "agent": agent, "code": code, "error": text
+                }))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
 /// Which failed messages `retry` repeats.
 #[derive(Debug, Clone, Default)]
 pub struct RetryFilter {
     pub ids: Vec<Uuid>,
     pub agent: Option<String>,
     pub error_code: Option<String>,
+    /// Only messages that failed at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// Repeat every failed message (when no other filter is given).
     pub all: bool,
 }
 
-/// Repeats failed messages (failed → prepared) through `api.execute_object_action`.
-pub async fn retry(client: &tokio_postgres::Client, f: &RetryFilter) -> Result<Vec<Uuid>, DbError> {
+/// Repeats failed messages (failed → prepared) through `api.execute_object_action`, one
+/// statement each (so one that changed state meanwhile is skipped, not fatal); `progress` hears
+/// (done, total) after every message.
+pub async fn retry(
+    client: &tokio_postgres::Client,
+    f: &RetryFilter,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Uuid>, DbError> {
     let rows = client
         .query(
             "SELECT s.id FROM api.service_message s \
@@ -142,20 +167,125 @@ pub async fn retry(client: &tokio_postgres::Client, f: &RetryFilter) -> Result<V
                 AND (cardinality($1::uuid[]) = 0 OR s.id = ANY ($1)) \
                 AND ($2::text IS NULL OR s.agentcode = $2) \
                 AND ($3::text IS NULL OR s.lasterrorcode = $3) \
-                AND (cardinality($1::uuid[]) > 0 OR $2 IS NOT NULL OR $3 IS NOT NULL OR $4) \
+                AND ($5::timestamptz IS NULL OR s.lastupdate >= $5) \
+                AND (cardinality($1::uuid[]) > 0 OR $2 IS NOT NULL OR $3 IS NOT NULL \
+                     OR $5 IS NOT NULL OR $4) \
               ORDER BY s.created",
-            &[&f.ids, &f.agent, &f.error_code, &f.all],
+            &[&f.ids, &f.agent, &f.error_code, &f.all, &f.since],
         )
         .await?;
+    let total = rows.len();
     let mut done = Vec::new();
     for r in rows {
         let id: Uuid = r.get(0);
-        client
+        match client
             .execute("SELECT api.execute_object_action($1, 'repeat')", &[&id])
-            .await?;
-        done.push(id);
+            .await
+            .map_err(DbError::from)
+        {
+            Ok(_) => done.push(id),
+            // Repeated or deleted by someone else in the meantime.
+            Err(e) if e.code().as_deref() == Some("ERR-400-032") => {}
+            Err(e) => return Err(e),
+        }
+        progress(done.len(), total);
     }
     Ok(done)
+}
+
+/// Cancels prepared messages (prepared → created: not delivered until submitted again). Returns
+/// per id the new state, or the outbox's refusal (`ERR-…: …`).
+pub async fn cancel(
+    client: &tokio_postgres::Client,
+    ids: &[Uuid],
+) -> Vec<(Uuid, Result<String, String>)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let r = client
+            .query_one(
+                "SELECT api.execute_object_action($1, 'cancel') -> 'newstate' ->> 'code'",
+                &[id],
+            )
+            .await
+            .map(|row| row.get::<_, String>(0))
+            .map_err(|e| {
+                DbError::from(e)
+                    .to_string()
+                    .trim_start_matches("database: ")
+                    .to_string()
+            });
+        out.push((*id, r));
+    }
+    out
+}
+
+/// One delivery attempt, as `outboxd tail` prints it.
+#[derive(Debug, Clone)]
+pub struct AttemptLine {
+    pub seq: i64,
+    pub message_id: Uuid,
+    pub agent: String,
+    pub profile: String,
+    pub outcome: String,
+    pub error_code: Option<String>,
+    pub duration_ms: Option<i32>,
+    pub finished_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl std::fmt::Display for AttemptLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} {} {} {} {}",
+            self.finished_at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            self.message_id,
+            self.agent,
+            self.profile,
+            self.outcome,
+            self.error_code.as_deref().unwrap_or("-"),
+            self.duration_ms
+                .map_or_else(|| "-".to_string(), |d| format!("{d}ms"))
+        )
+    }
+}
+
+/// The newest attempt's sequence number (where `tail` starts by default).
+pub async fn last_attempt_seq(client: &tokio_postgres::Client) -> Result<i64, DbError> {
+    Ok(client
+        .query_one("SELECT coalesce(max(id), 0) FROM outbox.attempts", &[])
+        .await?
+        .get(0))
+}
+
+/// Attempts recorded after `after` (at most 1,000), oldest first.
+pub async fn attempts_after(
+    client: &tokio_postgres::Client,
+    after: i64,
+) -> Result<Vec<AttemptLine>, DbError> {
+    let rows = client
+        .query(
+            "SELECT t.id, t.message_id, a.code, m.profile, t.outcome, t.error_code, t.duration_ms, \
+                    t.finished_at \
+               FROM outbox.attempts t \
+               JOIN outbox.messages m ON m.id = t.message_id \
+               JOIN outbox.agents a ON a.id = m.agent_id \
+              WHERE t.id > $1 ORDER BY t.id LIMIT 1000",
+            &[&after],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| AttemptLine {
+            seq: r.get(0),
+            message_id: r.get(1),
+            agent: r.get(2),
+            profile: r.get(3),
+            outcome: r.get(4),
+            error_code: r.get(5),
+            duration_ms: r.get(6),
+            finished_at: r.get(7),
+        })
+        .collect())
 }
 
 /// The message `outboxd run --demo` enqueues.

@@ -139,7 +139,7 @@ async fn retries_follow_the_schedule_then_fail_at_max_attempts() {
         error_code: Some("http-503".into()),
         ..Default::default()
     };
-    let repeated = outboxd::ops::retry(&c, &f).await.unwrap();
+    let repeated = outboxd::ops::retry(&c, &f, |_, _| {}).await.unwrap();
     assert_eq!(repeated.len(), 2);
     wait_state(&c, id, "submitted", T).await;
     wait_state(&c, one, "submitted", T).await;

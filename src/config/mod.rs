@@ -68,10 +68,53 @@ struct MainFile {
     http_listen: Option<String>,
     http_max_body_bytes: Option<usize>,
     api_token_file: Option<PathBuf>,
+    retention: Option<RetentionFile>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
     #[serde(default)]
     routes: BTreeMap<String, String>,
+}
+
+/// `[retention]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    content_after: Option<Dur>,
+    delete_after: Option<Dur>,
+    batch_size: Option<usize>,
+    every: Option<Dur>,
+}
+
+/// What the daemon deletes, and when (`[retention]`). Both ages count from a message's last state
+/// change; nothing is deleted unless configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    /// The content of finished messages (submitted, failed, deleted) and of inbox replies is
+    /// cleared this long after they finished; metadata, attempts and history stay.
+    pub content_after: Option<Duration>,
+    /// Finished messages are deleted with their replies, attempts and history this long after.
+    pub delete_after: Option<Duration>,
+    /// Messages per batch; each batch is one short transaction.
+    pub batch_size: usize,
+    /// How often the daemon runs retention.
+    pub every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            content_after: None,
+            delete_after: None,
+            batch_size: 1000,
+            every: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Retention {
+    pub fn enabled(&self) -> bool {
+        self.content_after.is_some() || self.delete_after.is_some()
+    }
 }
 
 /// The daemon's settings.
@@ -113,6 +156,8 @@ pub struct Config {
     /// Bearer tokens the REST API accepts: `OUTBOXD_API_TOKEN` (comma-separated) and the lines
     /// of `api_token_file`. None: every REST call is refused.
     pub api_tokens: Vec<Secret>,
+    /// What the daemon deletes, and when.
+    pub retention: Retention,
     /// Connector kind → its `.conf` file.
     pub connectors: BTreeMap<String, PathBuf>,
     /// Agent code → connector kind, on top of the built-in routes.
@@ -141,6 +186,7 @@ impl Default for Config {
             http_listen: None,
             http_max_body_bytes: 1 << 20,
             api_tokens: Vec::new(),
+            retention: Retention::default(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
             source: "(defaults)".into(),
@@ -247,6 +293,15 @@ impl Config {
             http_listen,
             http_max_body_bytes: main.http_max_body_bytes.unwrap_or(d.http_max_body_bytes),
             api_tokens,
+            retention: match main.retention {
+                None => d.retention,
+                Some(r) => Retention {
+                    content_after: r.content_after.map(|x| x.0),
+                    delete_after: r.delete_after.map(|x| x.0),
+                    batch_size: r.batch_size.unwrap_or(d.retention.batch_size),
+                    every: r.every.map_or(d.retention.every, |x| x.0),
+                },
+            },
             connectors: main
                 .connectors
                 .into_iter()
@@ -283,6 +338,21 @@ impl Config {
         }
         if self.poll_interval < Duration::from_millis(10) {
             return err("poll_interval", "must be at least 10ms");
+        }
+        let r = &self.retention;
+        if r.batch_size == 0 || r.batch_size > 100_000 {
+            return err("retention.batch_size", "must be between 1 and 100000");
+        }
+        if r.every < Duration::from_secs(1) {
+            return err("retention.every", "must be at least 1s");
+        }
+        if let (Some(c), Some(d)) = (r.content_after, r.delete_after) {
+            if c > d {
+                return err(
+                    "retention.content_after",
+                    "must not be longer than retention.delete_after (the message would be gone first)",
+                );
+            }
         }
         for kind in self.connectors.keys() {
             if !crate::connector::KINDS.contains(&kind.as_str()) {

@@ -11,6 +11,7 @@
 //! stop, messages whose delivery did not finish within the grace period are handed back with
 //! `outbox.release`; if the daemon dies instead, their leases expire and any daemon reclaims them.
 
+pub mod retention;
 pub mod retry;
 pub mod router;
 pub mod stats;
@@ -178,6 +179,13 @@ pub async fn run(
         cfg.lease,
         background_stop.clone(),
     ));
+    if cfg.retention.enabled() {
+        background.spawn(retention::run(
+            shared.db.clone(),
+            cfg.retention.clone(),
+            background_stop.clone(),
+        ));
+    }
     if controls.notifier.enabled() {
         background.spawn(systemd_loop(
             shared.clone(),

@@ -1,0 +1,336 @@
+//! Operations: retention in batches (content cleared first, messages deleted later, one daemon at
+//! a time), the daemon's retention task, and the operator CLI (status --json, cancel, retry
+//! --failed --since, purge --dry-run, tail).
+mod common;
+use common::*;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use outboxd::config::Retention;
+use outboxd::dispatch::retention::{self, Phase};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A message taken through send → done (or fail) by hand, finished `age` ago, with an attempt row,
+/// a history and an inbox reply.
+async fn finished(c: &tokio_postgres::Client, outcome: &str, age: &str) -> Uuid {
+    let id = send(c, "file.agent", "default", "a@b", "secret reset link").await;
+    c.execute("SELECT api.execute_object_action($1, 'send')", &[&id])
+        .await
+        .unwrap();
+    c.execute("SELECT api.execute_object_action($1, $2)", &[&id, &outcome])
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO outbox.attempts (message_id, attempt, outcome) VALUES ($1, 1, 'done')",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "SELECT api.add_inbox($1, 'file.agent', NULL, 'default', 'a@b', 'reply', 'reply body')",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        &format!(
+            "UPDATE outbox.messages SET updated_at = now() - interval '{age}', \
+             created_at = now() - interval '{age}' WHERE id = $1 OR parent = $1"
+        ),
+        &[&id],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+async fn content(c: &tokio_postgres::Client, id: Uuid) -> Option<Option<String>> {
+    c.query_opt("SELECT content FROM outbox.messages WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+async fn count(c: &tokio_postgres::Client, sql: &str, id: Uuid) -> i64 {
+    c.query_one(sql, &[&id]).await.unwrap().get(0)
+}
+
+fn db_of(url: &str) -> outboxd::db::Db {
+    outboxd::db::Db::connect(url, 2, Duration::from_secs(5), None).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_clears_content_then_deletes_in_batches_one_daemon_at_a_time() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let mut week_old = Vec::new();
+    for i in 0..5 {
+        week_old.push(finished(&c, if i % 2 == 0 { "done" } else { "fail" }, "10 days").await);
+    }
+    let mut ancient = Vec::new();
+    for _ in 0..3 {
+        ancient.push(finished(&c, "done", "60 days").await);
+    }
+    let fresh = finished(&c, "done", "1 hour").await;
+    // Old but not finished: never touched.
+    let waiting = send(&c, "file.agent", "default", "a@b", "still to send").await;
+    c.execute(
+        "UPDATE outbox.messages SET updated_at = now() - interval '90 days' WHERE id = $1",
+        &[&waiting],
+    )
+    .await
+    .unwrap();
+
+    let r = Retention {
+        content_after: Some(Duration::from_secs(7 * 86400)),
+        delete_after: Some(Duration::from_secs(30 * 86400)),
+        batch_size: 2,
+        every: Duration::from_secs(3600),
+    };
+    let pool = db_of(&db.url);
+    let preview = retention::preview(&pool, &r).await.unwrap();
+    // 8 outbox messages and their 8 replies have content older than 7 days; 3 are past 30 days.
+    assert_eq!((preview.content_rows, preview.delete_rows), (16, 3));
+
+    // Another daemon purging holds the lock: this one backs off and changes nothing.
+    let mut other = db.client().await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock(7310593858634612081)", &[])
+        .await
+        .unwrap();
+    let busy = retention::run_once(&pool, &r, &CancellationToken::new(), |_, _, _| {})
+        .await
+        .unwrap();
+    assert!(busy.busy);
+    assert_eq!(
+        content(&c, week_old[0]).await,
+        Some(Some("secret reset link".into()))
+    );
+    tx.rollback().await.unwrap();
+
+    let mut batches = Vec::new();
+    let done = retention::run_once(&pool, &r, &CancellationToken::new(), |phase, n, _| {
+        batches.push((phase, n))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (done.contents_cleared, done.messages_deleted, done.busy),
+        (16, 3, false)
+    );
+    assert!(
+        batches.iter().all(|(_, n)| *n <= 2),
+        "batches of at most 2: {batches:?}"
+    );
+    assert_eq!(
+        batches.iter().filter(|(p, _)| *p == Phase::Content).count(),
+        9,
+        "{batches:?}"
+    );
+
+    for id in &week_old {
+        assert_eq!(content(&c, *id).await, Some(None), "content cleared");
+        let reply: Option<String> = c
+            .query_one(
+                "SELECT content FROM outbox.messages WHERE parent = $1",
+                &[id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(reply, None, "the reply's content too");
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM outbox.attempts WHERE message_id = $1",
+                *id
+            )
+            .await,
+            1,
+            "metadata stays"
+        );
+        assert!(
+            count(
+                &c,
+                "SELECT count(*) FROM outbox.history WHERE message_id = $1",
+                *id
+            )
+            .await
+                >= 3
+        );
+    }
+    for id in &ancient {
+        assert_eq!(content(&c, *id).await, None, "deleted");
+        for t in ["outbox.attempts", "outbox.history"] {
+            let sql = format!("SELECT count(*) FROM {t} WHERE message_id = $1");
+            assert_eq!(count(&c, &sql, *id).await, 0, "{t}");
+        }
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM outbox.messages WHERE parent = $1",
+                *id
+            )
+            .await,
+            0
+        );
+    }
+    assert_eq!(
+        content(&c, fresh).await,
+        Some(Some("secret reset link".into()))
+    );
+    assert_eq!(
+        content(&c, waiting).await,
+        Some(Some("still to send".into()))
+    );
+    assert_eq!(state_of(&c, waiting).await, "prepared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_retention_on_its_own() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let old = finished(&c, "done", "2 days").await;
+    let mut tc = TestConfig::new(&db, &[]);
+    tc.config.retention = Retention {
+        content_after: Some(Duration::from_secs(86400)),
+        delete_after: None,
+        batch_size: 10,
+        every: Duration::from_millis(100),
+    };
+    let daemon = Daemon::start(tc.config.clone());
+    wait_for(
+        Duration::from_secs(10),
+        "the daemon's retention round",
+        || {
+            let c = &c;
+            async move { (content(c, old).await == Some(None)).then_some(()) }
+        },
+    )
+    .await;
+    daemon.stop().await;
+}
+
+fn outboxd(main: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    c.arg("-c")
+        .arg(main)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG");
+    c
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("file.conf"),
+        format!(
+            "[default]\npath = \"{}/spool.jsonl\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let main = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &main,
+        format!(
+            "database_url = \"{}\"\n[connectors]\nfile = \"file.conf\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let c = db.client().await;
+
+    // cancel: prepared → created; a second cancel is refused with the outbox's code.
+    let p = send(&c, "file.agent", "default", "a@b", "x").await;
+    let (ok, out, _) = run(outboxd(&main).arg("cancel").arg(p.to_string()));
+    assert!(ok && out.contains(&format!("{p} created")), "{out}");
+    let (ok, _, err) = run(outboxd(&main).arg("cancel").arg(p.to_string()));
+    assert!(!ok && err.contains("ERR-400-032"), "{err}");
+
+    // retry --failed --since: only the recent failure is repeated.
+    let recent = finished(&c, "fail", "10 minutes").await;
+    let older = finished(&c, "fail", "3 hours").await;
+    let (ok, out, err) = run(outboxd(&main).args(["retry", "--failed", "--since", "1h"]));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), recent.to_string());
+    assert_eq!(state_of(&c, recent).await, "prepared");
+    assert_eq!(state_of(&c, older).await, "failed");
+
+    // status --json.
+    let (ok, out, err) = run(outboxd(&main).args(["status", "--json"]));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["queue"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!({"state": "failed", "agent": "file.agent", "count": 1})));
+    assert_eq!(v["recent_failures"][0]["id"], older.to_string());
+
+    // purge --dry-run reports, changes nothing; purge applies.
+    let (ok, out, err) = run(outboxd(&main).args(["purge", "--dry-run", "--delete-after", "2h"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("would delete 1 message(s)"), "{out}");
+    assert_eq!(state_of(&c, older).await, "failed");
+    let (ok, out, err) = run(outboxd(&main).args(["purge", "--delete-after", "2h"]));
+    assert!(ok && out.contains("deleted 1 message(s)"), "{out}{err}");
+    assert!(c
+        .query_opt("SELECT 1 FROM outbox.messages WHERE id = $1", &[&older])
+        .await
+        .unwrap()
+        .is_none());
+
+    // tail: follows deliveries as the daemon records them.
+    let mut tail = outboxd(&main)
+        .args(["tail", "--interval", "50ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let tc = TestConfig::new(
+        &db,
+        &[(
+            "file",
+            &std::fs::read_to_string(dir.path().join("file.conf")).unwrap(),
+        )],
+    );
+    let daemon = Daemon::start(tc.config.clone());
+    let id = send(&c, "file.agent", "default", "a@b", "watch me").await;
+    let line = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let l = rx.recv().await.expect("tail keeps running");
+            if l.contains(&id.to_string()) {
+                return l;
+            }
+        }
+    })
+    .await
+    .expect("tail printed the delivery");
+    assert!(line.contains(" file.agent default done - "), "{line}");
+    assert!(line.ends_with("ms"), "{line}");
+    let _ = tail.kill();
+    let _ = tail.wait();
+    daemon.stop().await;
+}
