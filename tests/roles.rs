@@ -2,7 +2,8 @@
 //! search_path, an operator or function planted on the caller's search_path never runs, and each of
 //! the three roles can do what it is for and nothing else — proved by logging in as a fresh
 //! member of each group and running real statements that either work or fail with
-//! 42501 insufficient_privilege. Also: a daemon logged in as a member of `outboxd_daemon` delivers.
+//! 42501 insufficient_privilege. Also: the daemon runs as `outboxd_daemon` (logged in as a member,
+//! or switched to it by `session_role`) and still creates and migrates its database.
 
 mod common;
 
@@ -476,4 +477,108 @@ async fn a_daemon_logged_in_as_a_member_of_the_daemon_role_delivers() {
     assert_eq!(report.delivered, 2);
     let lines = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 2);
+}
+
+#[tokio::test]
+async fn session_role_switches_the_daemons_sessions_while_it_creates_and_migrates_as_the_login() {
+    // A database that does not exist yet, as on a fresh machine, and the shipped configuration's
+    // session_role; the login (the test server's superuser) creates and migrates.
+    let db = TestDb::reserved();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file.conf"), file_conf(dir.path())).unwrap();
+    let text = format!(
+        "database_url = \"{}\"\nsession_role = \"outboxd_daemon\"\npoll_interval = \"60s\"\n\
+         lease = \"5s\"\ndb_timeout = \"5s\"\ngrace_period = \"5s\"\n\
+         migrate_on_start = true\ncreate_database = true\n[connectors]\nfile = \"file.conf\"\n",
+        db.url
+    );
+    let cfg =
+        outboxd::config::Config::parse(&text, &dir.path().join("outboxd.toml"), |_| None).unwrap();
+    assert_eq!(cfg.session_role.as_deref(), Some("outboxd_daemon"));
+    let daemon = Daemon::start(cfg.clone());
+    let admin = wait_for(Duration::from_secs(20), "the database to exist", || async {
+        match tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                Some(c)
+            }
+            Err(_) => None,
+        }
+    })
+    .await;
+    wait_listening(&admin, Duration::from_secs(20)).await;
+    let id = send_file(&admin, None, "a").await;
+    wait_state(&admin, id, "submitted", Duration::from_secs(10)).await;
+    let report = daemon.stop().await;
+    assert_eq!(report.delivered, 1);
+
+    // The daemon's sessions (they are opened from this URL) run as the daemon role…
+    let (c, conn) = tokio_postgres::connect(cfg.database_url.expose(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (current, session): (String, String) = c
+        .query_one("SELECT current_user::text, session_user::text", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(current, "outboxd_daemon");
+    assert_ne!(session, "outboxd_daemon");
+    // …which could not have run the migrations: they ran as the login, and the objects belong to
+    // the owner.
+    denied(&c, "CREATE TABLE outbox.mine (id int)").await;
+    let owner: String = admin
+        .query_one(
+            "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'outbox.messages'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "outboxd_owner");
+}
+
+#[test]
+fn session_role_is_a_checked_plain_name_and_the_environment_can_switch_it_off() {
+    let parse = |text: &str, env: &[(&str, &str)]| {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        outboxd::config::Config::parse(text, Path::new("/etc/outboxd/outboxd.toml"), |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    };
+    let base = "database_url = \"postgres://postgres@db/outboxd\"\n";
+    let cfg = parse(&format!("{base}session_role = \"outboxd_daemon\"\n"), &[]).unwrap();
+    let pg: tokio_postgres::Config = cfg.database_url.expose().parse().unwrap();
+    assert_eq!(pg.get_options(), Some("-c role=outboxd_daemon"));
+    assert_eq!(pg.get_user(), Some("postgres"));
+    // From the environment, and switched off by an empty value.
+    let cfg = parse(base, &[("OUTBOXD_SESSION_ROLE", "outboxd_daemon")]).unwrap();
+    assert_eq!(cfg.session_role.as_deref(), Some("outboxd_daemon"));
+    let cfg = parse(
+        &format!("{base}session_role = \"outboxd_daemon\"\n"),
+        &[("OUTBOXD_SESSION_ROLE", "")],
+    )
+    .unwrap();
+    assert_eq!(cfg.session_role, None);
+    assert_eq!(cfg.database_url.expose(), "postgres://postgres@db/outboxd");
+    // listen_url switches too.
+    let cfg = parse(
+        &format!(
+            "{base}listen_url = \"postgres://postgres@direct/outboxd\"\nsession_role = \"r\"\n"
+        ),
+        &[],
+    )
+    .unwrap();
+    let pg: tokio_postgres::Config = cfg.listen_url.unwrap().expose().parse().unwrap();
+    assert_eq!(pg.get_options(), Some("-c role=r"));
+    // Not a plain name: refused, naming the file and the key.
+    let e = parse(&format!("{base}session_role = \"x -c y\"\n"), &[]).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("session_role"), "{e}");
+    assert!(
+        e.to_string().starts_with("/etc/outboxd/outboxd.toml"),
+        "{e}"
+    );
 }
