@@ -313,9 +313,10 @@ GRANT USAGE ON SCHEMA api, outbox TO outboxd_app, outboxd_daemon;
 
 GRANT SELECT ON api.service_message, api.message_attempt, api.message_history
     TO outboxd_app, outboxd_daemon;
--- The daemon reads the outbox itself (`outboxd status` reads messages and attempts).
+-- The daemon reads the outbox itself (`outboxd status` reads messages and attempts), and the
+-- migration list (`migrate_on_start` on an up-to-date database is then a no-op).
 GRANT SELECT ON outbox.messages, outbox.attempts, outbox.history, outbox.agents, outbox.states,
-    outbox.actions, outbox.transitions TO outboxd_daemon;
+    outbox.actions, outbox.transitions, outbox.schema_migrations TO outboxd_daemon;
 
 -- EXECUTE by name, every overload (GRANT … ON FUNCTION without an argument list refuses
 -- overloaded names, and other migrations may change the hot path's signatures).
