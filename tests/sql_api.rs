@@ -610,22 +610,21 @@ async fn claim_ids(c: &tokio_postgres::Client, worker: &str) -> Vec<Uuid> {
 async fn a_direct_insert_with_a_future_send_at_is_not_due_before_it() {
     let db = TestDb::new().await;
     let c = db.client().await;
+    // A bulk enqueue as a DBA writes it, straight into the table.
     let insert = |send_at: &'static str| {
         let c = &c;
         async move {
-            let id: Uuid = c
-                .query_one(
-                    &format!(
-                        "INSERT INTO outbox.messages (agent_id, content, state, send_at) \
-                         SELECT id, 'x', 'prepared', {send_at} FROM outbox.agents \
-                          WHERE code = 'file.agent' RETURNING id"
-                    ),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            id
+            c.query_one(
+                &format!(
+                    "INSERT INTO outbox.messages (agent_id, content, state, send_at) \
+                     SELECT id, 'x', 'prepared', {send_at} FROM outbox.agents \
+                      WHERE code = 'file.agent' RETURNING id"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, Uuid>(0)
         }
     };
     let later = insert("now() + interval '1.5 seconds'").await;
@@ -638,11 +637,10 @@ async fn a_direct_insert_with_a_future_send_at_is_not_due_before_it() {
         "a prepared message inserted with a future send_at was claimed at once"
     );
     // Due once send_at has passed, not before.
-    let claimed = wait_for(Duration::from_secs(10), "the scheduled message", || async {
+    wait_for(Duration::from_secs(10), "the scheduled message", || async {
         claim_ids(&c, "w").await.contains(&later).then_some(())
     })
     .await;
-    let _: () = claimed;
     let on_time: bool = c
         .query_one(
             "SELECT updated_at >= send_at FROM outbox.messages WHERE id = $1",
