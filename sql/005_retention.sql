@@ -12,12 +12,20 @@
 -- Each call is one short transaction of at most `limit` messages (the daemon loops), and takes a
 -- transaction-level advisory lock first: two daemons never purge at the same time, and a call that
 -- finds the lock taken returns -1 instead of waiting.
+--
+-- Rights (see 004): the two writers are SECURITY DEFINER (they run as the owner: the daemon role
+-- may not write tables) and executable by outboxd_daemon only; applications get none of them.
 
 BEGIN;
 
+-- As every migration after 004: what this creates belongs to the owner, and is resolved with only
+-- the catalog on the path.
+SET LOCAL ROLE outboxd_owner;
+SET LOCAL search_path = pg_catalog, pg_temp;
+
 -- A message counts as finished for retention from its last state change (updated_at).
 CREATE FUNCTION outbox.clear_content(p_older_than interval, p_limit integer) RETURNS integer
-LANGUAGE plpgsql SET search_path = pg_catalog, outbox, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, outbox, pg_temp AS $$
 DECLARE
     v_count integer;
 BEGIN
@@ -43,7 +51,7 @@ END
 $$;
 
 CREATE FUNCTION outbox.purge_batch(p_older_than interval, p_limit integer) RETURNS integer
-LANGUAGE plpgsql SET search_path = pg_catalog, outbox, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, outbox, pg_temp AS $$
 DECLARE
     v_count integer;
 BEGIN
@@ -90,6 +98,9 @@ $$;
 REVOKE ALL ON FUNCTION outbox.clear_content(interval, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.purge_batch(interval, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.retention_preview(interval, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.clear_content(interval, integer) TO outboxd_daemon;
+GRANT EXECUTE ON FUNCTION outbox.purge_batch(interval, integer) TO outboxd_daemon;
+GRANT EXECUTE ON FUNCTION outbox.retention_preview(interval, interval) TO outboxd_daemon;
 
 -- Autovacuum for the hot table: every delivery updates its message twice, so dead tuples pile
 -- up at the delivery rate. The default scale factor (20 % of the table) lets a large outbox

@@ -595,3 +595,91 @@ async fn a_message_whose_lease_expires_five_times_fails_instead_of_looping() {
         ("failed", Some("lease-expired"))
     );
 }
+
+/// Ids `outbox.claim` returns for `worker` now.
+async fn claim_ids(c: &tokio_postgres::Client, worker: &str) -> Vec<Uuid> {
+    c.query("SELECT id FROM outbox.claim($1, 100, 60000)", &[&worker])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_direct_insert_with_a_future_send_at_is_not_due_before_it() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    // A bulk enqueue as a DBA writes it, straight into the table.
+    let insert = |send_at: &'static str| {
+        let c = &c;
+        async move {
+            c.query_one(
+                &format!(
+                    "INSERT INTO outbox.messages (agent_id, content, state, send_at) \
+                     SELECT id, 'x', 'prepared', {send_at} FROM outbox.agents \
+                      WHERE code = 'file.agent' RETURNING id"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, Uuid>(0)
+        }
+    };
+    let later = insert("now() + interval '1.5 seconds'").await;
+    let now = insert("NULL").await;
+    let past = insert("now() - interval '1 hour'").await;
+    let first = claim_ids(&c, "w").await;
+    assert!(first.contains(&now) && first.contains(&past), "{first:?}");
+    assert!(
+        !first.contains(&later),
+        "a prepared message inserted with a future send_at was claimed at once"
+    );
+    // Due once send_at has passed, not before.
+    wait_for(Duration::from_secs(10), "the scheduled message", || async {
+        claim_ids(&c, "w").await.contains(&later).then_some(())
+    })
+    .await;
+    let on_time: bool = c
+        .query_one(
+            "SELECT updated_at >= send_at FROM outbox.messages WHERE id = $1",
+            &[&later],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(on_time, "claimed before its send_at");
+    // Postponing by UPDATE of send_at postpones the next attempt too.
+    let moved = insert("NULL").await;
+    c.execute(
+        "UPDATE outbox.messages SET send_at = now() + interval '1 hour' WHERE id = $1",
+        &[&moved],
+    )
+    .await
+    .unwrap();
+    assert!(!claim_ids(&c, "w").await.contains(&moved));
+}
+
+#[tokio::test]
+async fn public_actions_never_touch_inbox_messages() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let parent = message_in(&c, "submitted").await;
+    let reply: Uuid = c
+        .query_one(
+            "SELECT api.add_inbox($1, 'file.agent'::text, NULL, 'default', 'from', 'Re', 'reply')",
+            &[&parent],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for action in ACTIONS {
+        let e = act(&c, reply, action)
+            .await
+            .expect_err(&format!("{action} on an inbox message must be refused"));
+        assert!(e.starts_with("ERR-400-030"), "{action}: {e}");
+    }
+    assert_eq!(state_of(&c, reply).await, "created");
+    assert!(!claim_ids(&c, "w").await.contains(&reply));
+}

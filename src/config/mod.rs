@@ -61,6 +61,7 @@ struct MainFile {
     db_timeout: Option<Dur>,
     pool_size: Option<usize>,
     synchronous_commit: Option<String>,
+    session_role: Option<String>,
     log_format: Option<LogFormat>,
     migrate_on_start: Option<bool>,
     create_database: Option<bool>,
@@ -142,6 +143,11 @@ pub struct Config {
     /// default: a commit lost in a PostgreSQL crash only means a message is delivered again, which
     /// at-least-once delivery allows, and it saves a WAL flush per batch.
     pub synchronous_commit: String,
+    /// The role the daemon's sessions (pool, LISTEN, the CLI's queries) switch to after connecting
+    /// (`SET ROLE`, as the startup option `-c role=…`, folded into `database_url` and `listen_url`
+    /// by [`Config::parse`]); migrations and CREATE DATABASE run as the connecting user. `None`
+    /// (the default) or empty: no switch. The shipped configuration says `outboxd_daemon`.
+    pub session_role: Option<String>,
     pub log_format: LogFormat,
     /// Apply pending migrations when `run` starts.
     pub migrate_on_start: bool,
@@ -179,6 +185,7 @@ impl Default for Config {
             db_timeout: Duration::from_secs(10),
             pool_size: 8,
             synchronous_commit: "off".into(),
+            session_role: None,
             log_format: LogFormat::Human,
             migrate_on_start: true,
             create_database: true,
@@ -206,6 +213,7 @@ const ENV_KEYS: &[&str] = &[
     "db_timeout",
     "pool_size",
     "synchronous_commit",
+    "session_role",
     "log_format",
     "migrate_on_start",
     "create_database",
@@ -286,6 +294,7 @@ impl Config {
             db_timeout: main.db_timeout.map_or(d.db_timeout, |x| x.0),
             pool_size: main.pool_size.unwrap_or(d.pool_size),
             synchronous_commit: main.synchronous_commit.unwrap_or(d.synchronous_commit),
+            session_role: main.session_role.filter(|r| !r.is_empty()),
             log_format: main.log_format.unwrap_or_default(),
             migrate_on_start: main.migrate_on_start.unwrap_or(d.migrate_on_start),
             create_database: main.create_database.unwrap_or(d.create_database),
@@ -311,7 +320,7 @@ impl Config {
             source: file.clone(),
         };
         cfg.validate()?;
-        Ok(cfg)
+        Ok(cfg.with_session_role())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -329,6 +338,19 @@ impl Config {
                 "synchronous_commit",
                 "must be one of on, off, local, remote_write, remote_apply",
             );
+        }
+        if let Some(role) = &self.session_role {
+            let plain = role.len() <= 63
+                && role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && role
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !plain {
+                return err(
+                    "session_role",
+                    "must be a plain role name (lower case letters, digits, _)",
+                );
+            }
         }
         if self.pool_size < 2 {
             return err("pool_size", "must be at least 2");
@@ -376,6 +398,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Folds `session_role` into `database_url` and `listen_url` (see
+    /// [`crate::db::with_session_role`]), so every session the daemon opens from them switches
+    /// role.
+    pub fn with_session_role(mut self) -> Config {
+        if let Some(role) = &self.session_role {
+            self.database_url = Secret::new(crate::db::with_session_role(
+                self.database_url.expose(),
+                role,
+            ));
+            self.listen_url = self
+                .listen_url
+                .map(|u| Secret::new(crate::db::with_session_role(u.expose(), role)));
+        }
+        self
     }
 
     /// Reads every connector's `.conf` file: the profiles that parse, and every problem found.

@@ -3,6 +3,10 @@
 //! The migrations are the numbered files of `sql/`, embedded at build time; each records itself in
 //! `outbox.schema_migrations`, so `psql -f` and `outboxd migrate` can be mixed. Concurrent daemons
 //! serialize on an advisory lock.
+//!
+//! Migrations run as the connecting user, never as a `session_role` (`-c role=…`) in the URL: they
+//! create the roles (migration 4) and hand the objects to `outboxd_owner`, which the daemon's role
+//! cannot do, and on a fresh server that role does not exist yet.
 
 use std::str::FromStr;
 
@@ -14,6 +18,7 @@ use super::DbError;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "outbox", include_str!("../../sql/001_outbox.sql")),
     (2, "api", include_str!("../../sql/002_api.sql")),
+    (4, "roles", include_str!("../../sql/004_roles.sql")),
     (5, "retention", include_str!("../../sql/005_retention.sql")),
 ];
 
@@ -22,7 +27,7 @@ const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
 /// Creates the database named in `url` when it does not exist (connecting to `postgres` on the same
 /// server to do so). Returns whether it was created.
 pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
+    let cfg = as_connecting_user(url)?;
     match cfg.connect(NoTls).await {
         Ok((client, conn)) => {
             drop(client);
@@ -108,10 +113,85 @@ pub async fn prepare_database(url: &str, create: bool) -> Result<Vec<i32>, DbErr
     if create {
         ensure_database(url).await?;
     }
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    let (client, conn) = as_connecting_user(url)?.connect(NoTls).await?;
     let task = tokio::spawn(conn);
     let r = migrate(&client).await;
     drop(client);
     let _ = task.await;
     r
+}
+
+/// The connection settings of `url` without any `role` startup option (`-c role=…`, `-crole=…`,
+/// `--role=…`): the session stays the connecting user.
+fn as_connecting_user(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    let mut cfg =
+        tokio_postgres::Config::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
+    if let Some(options) = cfg.get_options() {
+        let kept = without_role(options);
+        cfg.options(&kept);
+    }
+    Ok(cfg)
+}
+
+/// `options` (space-separated, `\` escapes the next character) minus the settings of `role`.
+fn without_role(options: &str) -> String {
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                word.push(c);
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let is_role = |w: &str| w.starts_with("role=");
+    let mut kept: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let w = words[i].as_str();
+        if w == "-c" && words.get(i + 1).is_some_and(|n| is_role(n)) {
+            i += 2;
+            continue;
+        }
+        if w.strip_prefix("-c").is_some_and(is_role) || w.strip_prefix("--").is_some_and(is_role) {
+            i += 1;
+            continue;
+        }
+        kept.push(words[i].clone());
+        i += 1;
+    }
+    kept.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_drop_the_session_role() {
+        assert_eq!(without_role("-c role=outboxd_daemon"), "");
+        assert_eq!(
+            without_role("-c synchronous_commit=off  -crole=x --role=y -c work_mem=8MB"),
+            "-c synchronous_commit=off -c work_mem=8MB"
+        );
+        assert_eq!(
+            without_role("-c application_name=a\\ b -c role=r"),
+            "-c application_name=a\\ b"
+        );
+        let url = crate::db::with_session_role("postgres://u@h/db?sslmode=disable", "r");
+        assert_eq!(as_connecting_user(&url).unwrap().get_options(), Some(""));
+    }
 }

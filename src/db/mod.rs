@@ -55,6 +55,46 @@ impl DbError {
     }
 }
 
+/// `url` with the startup option `-c role=<role>` added to its `options` (kept, if it has any):
+/// every session opened from it runs as `role` (`SET ROLE`, checked by the server against the
+/// login's memberships) — the pool, the LISTEN connection and the CLI alike. Works for both
+/// `postgres://` URLs and `key=value` strings; the last `options` wins in either.
+/// `role` must be a plain name (the configuration checks it).
+pub fn with_session_role(url: &str, role: &str) -> String {
+    let existing = tokio_postgres::Config::from_str(url)
+        .ok()
+        .and_then(|c| c.get_options().map(str::to_string))
+        .unwrap_or_default();
+    let options = if existing.is_empty() {
+        format!("-c role={role}")
+    } else {
+        format!("{existing} -c role={role}")
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // tokio-postgres percent-decodes query values but does not read `+` as a space.
+        let encoded: String = options
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut params: Vec<&str> = query
+            .split('&')
+            .filter(|p| !p.is_empty() && !p.starts_with("options="))
+            .collect();
+        let opt = format!("options={encoded}");
+        params.push(&opt);
+        format!("{base}?{}", params.join("&"))
+    } else {
+        let quoted = options.replace('\\', "\\\\").replace('\'', "\\'");
+        format!("{url} options='{quoted}'")
+    }
+}
+
 /// One delivery outcome, as `outbox.record_outcomes` takes it.
 #[derive(Debug, Clone)]
 pub struct OutcomeRow {
@@ -286,6 +326,34 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_role_joins_the_options() {
+        for (url, want) in [
+            ("postgres://u@h/db", "-c role=r"),
+            ("postgres://u@h/db?application_name=x", "-c role=r"),
+            (
+                "postgres://u@h/db?options=-c%20synchronous_commit%3Don&sslmode=disable",
+                "-c synchronous_commit=on -c role=r",
+            ),
+            ("host=h user=u dbname=db", "-c role=r"),
+            (
+                "host=h user=u options='-c work_mem=8MB'",
+                "-c work_mem=8MB -c role=r",
+            ),
+        ] {
+            let got = with_session_role(url, "r");
+            let cfg = tokio_postgres::Config::from_str(&got).unwrap();
+            assert_eq!(cfg.get_options(), Some(want), "{url} -> {got}");
+            assert_eq!(cfg.get_user(), Some("u"), "{got}");
+        }
+        let cfg = tokio_postgres::Config::from_str(&with_session_role(
+            "postgres://u@h/db?application_name=x",
+            "r",
+        ))
+        .unwrap();
+        assert_eq!(cfg.get_application_name(), Some("x"));
+    }
 
     #[test]
     fn nul_bytes_are_replaced_before_recording() {

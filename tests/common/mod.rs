@@ -100,6 +100,93 @@ impl Drop for TestDb {
     }
 }
 
+impl TestDb {
+    /// A database name of its own that is not created (for a daemon that creates it); dropped
+    /// on `Drop` if it exists by then.
+    pub fn reserved() -> TestDb {
+        init_tracing();
+        let admin = admin_url();
+        let name = format!("outboxd_t_{}", Uuid::new_v4().simple());
+        let mut u = url::Url::parse(&admin).expect("DATABASE_URL is a URL");
+        u.set_path(&format!("/{name}"));
+        TestDb {
+            url: u.to_string(),
+            name,
+            admin,
+        }
+    }
+
+    /// `url` with another user name (trust authentication: any LOGIN role).
+    pub fn url_as(&self, user: &str) -> String {
+        let mut u = url::Url::parse(&self.url).expect("a URL");
+        u.set_username(user).expect("a user name");
+        u.set_password(None).expect("no password");
+        u.to_string()
+    }
+}
+
+/// A LOGIN role of its own for one test, a member of a NOLOGIN group such as `outboxd_app` (roles
+/// are cluster-wide: the name is unique); dropped on `Drop`. It must own nothing: tests that
+/// create objects `SET ROLE` to the group first.
+pub struct TestRole {
+    pub name: String,
+    admin: String,
+}
+
+impl TestRole {
+    pub async fn new(group: &str) -> TestRole {
+        let admin = admin_url();
+        let name = format!("outboxd_t_login_{}", Uuid::new_v4().simple());
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test server (DATABASE_URL)");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN IN ROLE {group}"))
+            .await
+            .expect("create test login role");
+        TestRole { name, admin }
+    }
+
+    /// A connection to `db` logged in as this role.
+    pub async fn client(&self, db: &TestDb) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&db.url_as(&self.name), tokio_postgres::NoTls)
+            .await
+            .expect("connect as the test role");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The SQLSTATE of a failed statement ("" when it is not a server error).
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
 /// Writes connector `.conf` files into a temp dir and returns a fast test configuration.
 pub struct TestConfig {
     pub dir: tempfile::TempDir,
