@@ -4,10 +4,6 @@
 //! `outbox.schema_migrations`, so `psql -f` and `outboxd migrate` can be mixed. Concurrent daemons
 //! serialize on an advisory lock.
 
-use std::str::FromStr;
-
-use tokio_postgres::NoTls;
-
 use super::DbError;
 
 /// (version, name, SQL) of every migration, in order.
@@ -19,10 +15,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
 
 /// Creates the database named in `url` when it does not exist (connecting to `postgres` on the same
-/// server to do so). Returns whether it was created.
+/// server to do so, with the same TLS settings). Returns whether it was created.
 pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
-    match cfg.connect(NoTls).await {
+    let target = super::tls::target(url)?;
+    let cfg = &target.config;
+    match target.connect().await {
         Ok((client, conn)) => {
             drop(client);
             drop(conn);
@@ -33,9 +30,9 @@ pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
                 .get_dbname()
                 .ok_or_else(|| DbError::Config("the database URL names no database".into()))?
                 .to_string();
-            let mut admin = cfg.clone();
-            admin.dbname("postgres");
-            let (client, conn) = admin.connect(NoTls).await?;
+            let mut admin = target.clone();
+            admin.config.dbname("postgres");
+            let (client, conn) = admin.connect().await?;
             let task = tokio::spawn(conn);
             let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
             let created = match client.batch_execute(&sql).await {
@@ -107,8 +104,7 @@ pub async fn prepare_database(url: &str, create: bool) -> Result<Vec<i32>, DbErr
     if create {
         ensure_database(url).await?;
     }
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    let task = tokio::spawn(conn);
+    let (client, task) = super::connect_one(url).await?;
     let r = migrate(&client).await;
     drop(client);
     let _ = task.await;
