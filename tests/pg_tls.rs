@@ -61,22 +61,22 @@ async fn pool_ssl(url: &str) -> Result<bool, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_decides_whether_every_daemon_session_is_encrypted() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file_conf = format!(
+        "[default]\npath = \"{}/spool.jsonl\"\n",
+        dir.path().display()
+    );
     for (mode, encrypted) in [("require", true), ("disable", false)] {
-        let db = TestDb::new().await;
-        let dir = tempfile::tempdir().unwrap();
-        let file_conf = format!(
-            "[default]\npath = \"{}/spool.jsonl\"\n",
-            dir.path().display()
-        );
         let mut tc = TestConfig::new(&db, &[("file", &file_conf)]);
         tc.config.database_url =
             outboxd::config::Secret::new(url_with(&db.url, None, &[("sslmode", mode)]));
         // The migrations run through the same TLS settings.
         tc.config.migrate_on_start = true;
-        let c = db.client().await;
         let d = Daemon::start(tc.config.clone());
         wait_listening(&c, T).await;
-        let id = send(&c, "file.agent", "default", "a", "hello").await;
+        let id = send(&c, "file.agent", "default", "a", mode).await;
         wait_state(&c, id, "submitted", T).await;
         let sessions = daemon_sessions(&c).await;
         assert!(
@@ -89,6 +89,10 @@ async fn sslmode_decides_whether_every_daemon_session_is_encrypted() {
             "sslmode={mode}: {sessions:?}"
         );
         d.stop().await;
+        wait_for(T, "the daemon's sessions to end", || async {
+            daemon_sessions(&c).await.is_empty().then_some(())
+        })
+        .await;
     }
 }
 
@@ -176,8 +180,14 @@ async fn verify_ca_and_verify_full_accept_the_servers_own_certificate() {
     use rustls::pki_types::pem::PemObject;
     let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
     let names = outboxd::db::tls::certificate_names(&der);
-    // Debian's snakeoil: self-signed, CN = the host name it was made on, no subjectAltName; so it
-    // is its own root, and verify-full goes through libpq's Common Name fallback.
+    let parsed = <x509_cert::Certificate as x509_cert::der::Decode>::from_der(&der).unwrap();
+    assert_eq!(
+        parsed.tbs_certificate.issuer, parsed.tbs_certificate.subject,
+        "this test takes the server's certificate {cert_file} as its own root: it must be self-signed"
+    );
+    // Debian's snakeoil: self-signed (so it is its own root), issued to the host name it was made
+    // on (here `localhost`, as subjectAltName and CN); that name is connected to through the
+    // server's address (hostaddr), whatever it is.
     let name = names
         .dns_alt_names
         .first()

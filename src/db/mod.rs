@@ -13,7 +13,7 @@ pub mod migrate;
 pub mod tls;
 
 use std::future::Future;
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -174,6 +174,12 @@ impl Deref for Conn {
     type Target = deadpool_postgres::Object;
     fn deref(&self) -> &Self::Target {
         self.obj.as_ref().expect("present until dropped")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.obj.as_mut().expect("present until dropped")
     }
 }
 

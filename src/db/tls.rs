@@ -16,8 +16,8 @@
 //! Invariants: every connection the daemon and its CLI open goes through [`target`]; a verifying
 //! mode without a root certificate is a configuration error, never a silent downgrade. The host
 //! name is matched against the certificate's subjectAltName entries and, only when it has none,
-//! against its Common Name, as libpq does (many self-signed server certificates, Debian's
-//! snakeoil among them, carry only a CN).
+//! against its Common Name, as libpq does (older self-signed server certificates often carry only
+//! a CN).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -528,7 +528,7 @@ mod tests {
             !common_name_matches(&der, &name),
             "a certificate with alt names is not matched by its CN"
         );
-        // Without alt names (Debian's snakeoil), the CN decides.
+        // Without alt names, the CN decides.
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
