@@ -431,8 +431,12 @@ async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused()
             .release("w", &[id], Duration::from_secs(1))
             .await
             .unwrap_err();
+        // statement_timeout equals db_timeout, so under load the server may end the statement
+        // first (57014, and the connection stays healthy); otherwise the client gives up and
+        // cancels it. Without statement_timeout only the client can.
+        let abandoned = matches!(e, outboxd::db::DbError::Timeout(..));
         assert!(
-            matches!(e, outboxd::db::DbError::Timeout(..)),
+            abandoned || (case != "cancel only" && e.code().as_deref() == Some("57014")),
             "{case}: {e}"
         );
         // The server stops the abandoned statement, and the connection that ran it is closed
@@ -451,6 +455,9 @@ async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused()
         })
         .await;
         wait_for(T, "the abandoned connection to be closed", || async {
+            if !abandoned {
+                return Some(());
+            }
             let open: i64 = c
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
@@ -465,7 +472,9 @@ async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused()
         tx.rollback().await.unwrap();
         // The next call gets a healthy connection, and the abandoned release never ran.
         assert_eq!(state_of(&c, id).await, "sending", "{case}");
-        assert_ne!(pool_pid(&pool).await, first, "{case}");
+        if abandoned {
+            assert_ne!(pool_pid(&pool).await, first, "{case}");
+        }
         assert_eq!(
             pool.release("w", &[id], Duration::from_secs(1))
                 .await
