@@ -152,7 +152,7 @@ async fn main() -> ExitCode {
 }
 
 async fn connect(cfg: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(cfg.database_url.expose(), tokio_postgres::NoTls)
+    let (client, _task) = outboxd::db::connect_one(cfg.database_url.expose())
         .await
         .with_context(|| {
             format!(
@@ -160,7 +160,6 @@ async fn connect(cfg: &Config) -> anyhow::Result<tokio_postgres::Client> {
                 outboxd::config::redact_url(cfg.database_url.expose())
             )
         })?;
-    tokio::spawn(conn);
     Ok(client)
 }
 

@@ -333,9 +333,11 @@ impl std::fmt::Display for CheckReport {
     }
 }
 
-/// Builds every connector and runs its self-check; sends nothing.
+/// Builds every connector and runs its self-check, and checks the profiles' timings against the
+/// main file's ([`crate::config::Config::check_timing`]); sends nothing.
 pub async fn check_config(cfg: &crate::config::Config) -> CheckReport {
     let mut report = CheckReport::default();
+    let timing = cfg.check_timing(&cfg.load_profiles().0);
     match crate::dispatch::build_router(cfg) {
         Err(errors) => report.problems = errors.iter().map(|e| e.to_string()).collect(),
         Ok(router) => {
@@ -350,5 +352,6 @@ pub async fn check_config(cfg: &crate::config::Config) -> CheckReport {
             report.connectors.sort();
         }
     }
+    report.problems.extend(timing.iter().map(|e| e.to_string()));
     report
 }

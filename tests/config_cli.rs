@@ -52,7 +52,7 @@ fn defaults_env_overrides_and_relative_paths() {
     .unwrap();
     assert_eq!(cfg.concurrency, 9, "env wins over the file");
     assert_eq!(cfg.poll_interval, Duration::from_millis(250));
-    assert_eq!(cfg.lease, Duration::from_secs(30), "default");
+    assert_eq!(cfg.lease, Duration::from_secs(60), "default");
     assert_eq!(cfg.database_url.expose(), "postgres://u:hunter2@db/outbox");
     assert_eq!(cfg.connectors["file"], Path::new("/etc/outboxd/file.conf"));
     let printed = format!("{cfg:?}");
@@ -114,6 +114,105 @@ fn profile_errors_name_the_file_the_profile_and_the_key() {
     assert_eq!(ok[0].1.common.max_attempts, 3);
 }
 
+#[test]
+fn timing_settings_that_cannot_work_are_refused_naming_the_key() {
+    let e = parse_main("db_timeout = \"0s\"").unwrap_err();
+    assert!(
+        e.starts_with("/etc/outboxd/outboxd.toml: key `db_timeout`"),
+        "{e}"
+    );
+    // The hot path passes milliseconds as a 32-bit integer: 25 days used to wrap around.
+    let e = parse_main("lease = \"25days\"").unwrap_err();
+    assert!(
+        e.contains("key `lease`") && e.contains("2147483647ms"),
+        "{e}"
+    );
+    let e = parse_main("db_timeout = \"25days\"").unwrap_err();
+    assert!(e.contains("key `db_timeout`"), "{e}");
+    assert!(parse_main("lease = \"24days\"").is_ok());
+    // A statement_timeout of the URL's own must not outlast db_timeout (nor be disabled).
+    let url = |options: &str| {
+        format!(
+            "db_timeout = \"10s\"\ndatabase_url = \"postgres://u:hunter2@db/x?options={options}\"\n"
+        )
+    };
+    for bad in [
+        "-c%20statement_timeout%3D60s",
+        "-c%20statement_timeout%3D0",
+        "-c%20statement_timeout%3Dsoon",
+    ] {
+        let e = parse_main(&url(bad)).unwrap_err();
+        assert!(
+            e.contains("key `database_url`") && e.contains("statement_timeout"),
+            "{bad}: {e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+    assert!(parse_main(&url("-c%20statement_timeout%3D5s")).is_ok());
+    // TLS settings are checked when the file is read, without quoting the URL.
+    let e = parse_main("database_url = \"postgres://u:hunter2@db/x?sslmode=verify-full\"\n")
+        .unwrap_err();
+    assert!(
+        e.contains("key `database_url`") && e.contains("sslrootcert") && !e.contains("hunter2"),
+        "{e}"
+    );
+    let e = parse_main("listen_url = \"postgres://u:hunter2@db/x?sslmode=always\"\n").unwrap_err();
+    assert!(
+        e.contains("key `listen_url`") && e.contains("always") && !e.contains("hunter2"),
+        "{e}"
+    );
+    // A retry delay whose jitter overflows the same 32-bit milliseconds.
+    let errs = parse_profiles(
+        "http",
+        "[slow]\nurl = \"http://x\"\nretry = [\"5s\", \"21days\"]\n",
+        "conf/http.conf",
+    )
+    .unwrap_err();
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("conf/http.conf: key `slow.retry`"),
+        "{}",
+        errs[0]
+    );
+    assert!(parse_profiles(
+        "http",
+        "[slow]\nurl = \"http://x\"\nretry = [\"20days\"]\n",
+        "conf/http.conf"
+    )
+    .is_ok());
+}
+
+#[test]
+fn a_lease_shorter_than_a_profiles_timeout_plus_db_timeout_is_a_problem() {
+    let profiles = |text: &str| {
+        let mut p = outboxd::config::Profiles::default();
+        for (name, profile) in parse_profiles("http", text, "conf/http.conf").unwrap() {
+            p.map.insert(("http".into(), name), profile);
+        }
+        p
+    };
+    let defaults = Config::default();
+    let p = profiles("[default]\nurl = \"http://x\"\n");
+    assert_eq!(
+        defaults.check_timing(&p),
+        vec![],
+        "the defaults are consistent"
+    );
+    let cfg = parse_main("lease = \"30s\"\ndb_timeout = \"5s\"").unwrap();
+    let p = profiles(
+        "[fast]\nurl = \"http://x\"\ntimeout = \"25s\"\n[slow]\nurl = \"http://y\"\ntimeout = \"26s\"\n",
+    );
+    let errs: Vec<String> = cfg.check_timing(&p).iter().map(|e| e.to_string()).collect();
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("conf/http.conf: key `slow.timeout`")
+            && errs[0].contains("/etc/outboxd/outboxd.toml: key `lease`")
+            && errs[0].contains("31s"),
+        "{errs:#?}"
+    );
+}
+
 fn outboxd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_outboxd"))
 }
@@ -173,6 +272,36 @@ async fn check_config_lists_every_problem_and_exits_1() {
     assert!(!ok);
     assert!(
         stderr.contains("outboxd.toml") && stderr.contains("concurrency"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn check_config_refuses_timings_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = write_config(
+        dir.path(),
+        "postgres://x@127.0.0.1:1/x",
+        "timeout = \"55s\"\n",
+    );
+    let (ok, stdout, _) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    assert!(!ok, "{stdout}");
+    let file_conf = dir.path().join("file.conf").display().to_string();
+    assert!(
+        stdout.contains(&format!("{file_conf}: key `default.timeout`"))
+            && stdout.contains("key `lease`")
+            && stdout.contains("1 problem(s)"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&main).unwrap();
+    std::fs::write(&main, format!("lease = \"65s\"\n{text}")).unwrap();
+    let (ok, stdout, stderr) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    assert!(ok, "{stdout}{stderr}");
+    std::fs::write(&main, format!("db_timeout = \"0s\"\n{text}")).unwrap();
+    let (ok, _, stderr) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    assert!(!ok);
+    assert!(
+        stderr.contains("outboxd.toml: key `db_timeout`"),
         "{stderr}"
     );
 }

@@ -1,6 +1,7 @@
 //! Fault injection (the fast cases; `bench/chaos` runs the long ones): kill -9 of a daemon
-//! process mid-run, connections terminated under the daemon, four daemons on one database,
-//! hostile sinks (resets, slow drip, huge bodies, garbage, 429 without Retry-After), bad rows.
+//! process mid-run, connections terminated under the daemon, a call abandoned by its timeout,
+//! four daemons on one database, hostile sinks (resets, slow drip, huge bodies, garbage, 429
+//! without Retry-After), bad rows.
 
 mod common;
 
@@ -366,4 +367,120 @@ async fn bad_rows_fail_with_clear_codes_while_the_rest_flow() {
     }
     assert_eq!(rx.count(), 20, "only the good ones reached the sink");
     d.stop().await;
+}
+
+/// The pid of the backend a pooled connection of `db` talks to.
+async fn pool_pid(db: &outboxd::db::Db) -> i32 {
+    db.pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let db_timeout = Duration::from_millis(500);
+    // With the server-side statement_timeout (as the daemon runs), and without it, where only the
+    // cancel request sent when the client gives up can stop the statement.
+    let no_statement_timeout = format!("{}?options=-c%20statement_timeout%3D0", db.url);
+    for (case, url) in [
+        ("statement_timeout and cancel", db.url.clone()),
+        ("cancel only", no_statement_timeout),
+    ] {
+        let id = send(&c, "file.agent", "default", "a", case).await;
+        let claimed: Vec<Uuid> = c
+            .query("SELECT id FROM outbox.claim('w', 10, 60000)", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(claimed, vec![id]);
+        let pool = outboxd::db::Db::connect(&url, 2, db_timeout, None).unwrap();
+        let shown: String = pool
+            .pool()
+            .get()
+            .await
+            .unwrap()
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            shown,
+            if case == "cancel only" { "0" } else { "500ms" },
+            "{case}"
+        );
+        let first = pool_pid(&pool).await;
+        // The test holds the message's row lock past db_timeout.
+        let mut locker = db.client().await;
+        let tx = locker.transaction().await.unwrap();
+        tx.execute(
+            "SELECT 1 FROM outbox.messages WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .unwrap();
+        let e = pool
+            .release("w", &[id], Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        // statement_timeout equals db_timeout, so under load the server may end the statement
+        // first (57014, and the connection stays healthy); otherwise the client gives up and
+        // cancels it. Without statement_timeout only the client can.
+        let abandoned = matches!(e, outboxd::db::DbError::Timeout(..));
+        assert!(
+            abandoned || (case != "cancel only" && e.code().as_deref() == Some("57014")),
+            "{case}: {e}"
+        );
+        // The server stops the abandoned statement, and the connection that ran it is closed
+        // rather than handed out again; all while the lock is still held.
+        wait_for(T, "the abandoned statement to stop", || async {
+            let running: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                      AND application_name = 'outboxd' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (running == 0).then_some(())
+        })
+        .await;
+        wait_for(T, "the abandoned connection to be closed", || async {
+            if !abandoned {
+                return Some(());
+            }
+            let open: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                    &[&first],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (open == 0).then_some(())
+        })
+        .await;
+        tx.rollback().await.unwrap();
+        // The next call gets a healthy connection, and the abandoned release never ran.
+        assert_eq!(state_of(&c, id).await, "sending", "{case}");
+        if abandoned {
+            assert_ne!(pool_pid(&pool).await, first, "{case}");
+        }
+        assert_eq!(
+            pool.release("w", &[id], Duration::from_secs(1))
+                .await
+                .unwrap(),
+            1,
+            "{case}"
+        );
+    }
 }

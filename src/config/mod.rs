@@ -131,11 +131,13 @@ pub struct Config {
     pub batch_size: usize,
     /// Deliveries in flight at once.
     pub concurrency: usize,
-    /// How long a claim is valid without a heartbeat.
+    /// How long a claim is valid without a heartbeat. At least every profile's `timeout` plus
+    /// `db_timeout` (see [`Config::check_timing`]).
     pub lease: Duration,
     /// On TERM/INT, how long in-flight deliveries may finish before they are handed back.
     pub grace_period: Duration,
-    /// Upper bound of every database call.
+    /// Upper bound of every database call, on the client and (as `statement_timeout`) on the
+    /// server.
     pub db_timeout: Duration,
     /// Pooled connections for ordinary queries.
     pub pool_size: usize,
@@ -180,7 +182,8 @@ impl Default for Config {
             poll_interval: Duration::from_secs(60),
             batch_size: 100,
             concurrency: 64,
-            lease: Duration::from_secs(30),
+            // The default profile timeout (30 s) plus the default db_timeout (10 s), rounded up.
+            lease: Duration::from_secs(60),
             grace_period: Duration::from_secs(10),
             db_timeout: Duration::from_secs(10),
             pool_size: 8,
@@ -358,6 +361,67 @@ impl Config {
         if self.lease < Duration::from_millis(100) {
             return err("lease", "must be at least 100ms");
         }
+        // The hot path passes the lease to SQL as 32-bit milliseconds.
+        if self.lease > MAX_SQL_MILLIS {
+            return err("lease", MAX_SQL_MILLIS_TEXT);
+        }
+        if self.db_timeout.is_zero() {
+            return err(
+                "db_timeout",
+                "must be more than 0 (every database call needs a bound)",
+            );
+        }
+        // It is also the sessions' statement_timeout, an integer of milliseconds.
+        if self.db_timeout > MAX_SQL_MILLIS {
+            return err("db_timeout", MAX_SQL_MILLIS_TEXT);
+        }
+        for (key, url) in [
+            ("database_url", Some(&self.database_url)),
+            ("listen_url", self.listen_url.as_ref()),
+        ] {
+            let Some(url) = url else { continue };
+            // The message never quotes the URL: it may carry a password.
+            let target = crate::db::tls::target(url.expose()).map_err(|e| {
+                ConfigError::new(
+                    &self.source,
+                    Some(key.into()),
+                    match e {
+                        crate::db::DbError::Config(m) => m,
+                        e => e.to_string(),
+                    },
+                )
+            })?;
+            if key != "database_url" {
+                continue;
+            }
+            match crate::db::statement_timeout_of(&target.config) {
+                None => {}
+                Some(None) => {
+                    return err(
+                        key,
+                        "the statement_timeout in its options is not a duration PostgreSQL reads",
+                    )
+                }
+                Some(Some(t)) if t.is_zero() || t > self.db_timeout => {
+                    return Err(ConfigError::new(
+                        &self.source,
+                        Some(key.into()),
+                        format!(
+                            "the statement_timeout in its options ({}) must be between 1ms and \
+                             db_timeout ({}): a statement the daemon gave up on would otherwise \
+                             keep running on the server",
+                            if t.is_zero() {
+                                "0, disabled".to_string()
+                            } else {
+                                humantime::format_duration(t).to_string()
+                            },
+                            humantime::format_duration(self.db_timeout)
+                        ),
+                    ))
+                }
+                Some(Some(_)) => {}
+            }
+        }
         if self.poll_interval < Duration::from_millis(10) {
             return err("poll_interval", "must be at least 10ms");
         }
@@ -414,6 +478,37 @@ impl Config {
                 .map(|u| Secret::new(crate::db::with_session_role(u.expose(), role)));
         }
         self
+    }
+
+    /// Checks the profiles' timings against the main file's, as `check-config` does: a delivery
+    /// must end before its lease does even when no heartbeat gets through. The lease starts when
+    /// the claim runs on the server; the delivery starts when the claim's rows arrive (at most
+    /// `db_timeout` later) and ends at most the profile's `timeout` after that, hence
+    /// `lease >= timeout + db_timeout`. Within that, the heartbeat (every lease/3) is needed
+    /// only for what is not bounded by `timeout`; a delivery that outlives its lease may be
+    /// reclaimed and sent twice.
+    pub fn check_timing(&self, profiles: &Profiles) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        for ((_, name), p) in &profiles.map {
+            let needed = p.common.timeout + self.db_timeout;
+            if self.lease < needed {
+                errors.push(ConfigError::new(
+                    &p.source,
+                    Some(format!("{name}.timeout")),
+                    format!(
+                        "timeout {} plus db_timeout {} is longer than the lease {} ({}: key \
+                         `lease`): a delivery could outlive its claim and be sent twice; raise \
+                         lease to at least {} or shorten timeout",
+                        humantime::format_duration(p.common.timeout),
+                        humantime::format_duration(self.db_timeout),
+                        humantime::format_duration(self.lease),
+                        self.source,
+                        humantime::format_duration(needed),
+                    ),
+                ));
+            }
+        }
+        errors
     }
 
     /// Reads every connector's `.conf` file: the profiles that parse, and every problem found.
@@ -475,6 +570,11 @@ fn api_tokens(
         })
         .collect()
 }
+
+/// The longest duration the hot path can pass to SQL: it passes milliseconds as `integer`.
+const MAX_SQL_MILLIS: Duration = Duration::from_millis(i32::MAX as u64);
+const MAX_SQL_MILLIS_TEXT: &str =
+    "must be at most 2147483647ms (24days 20h 31m 23s 647ms): it is passed to PostgreSQL as 32-bit milliseconds";
 
 /// An environment value as TOML: integers and booleans typed, everything else a string.
 fn env_value(v: &str) -> toml::Value {
@@ -641,6 +741,24 @@ fn parse_profiles_partial(
         if let Some(r) = common.retry {
             c.retry = r.into_iter().map(|d| d.0).collect();
             c.max_attempts = c.retry.len() as u32 + 1;
+            // A delay goes to SQL as 32-bit milliseconds after +20 % jitter.
+            if let Some(d) = c
+                .retry
+                .iter()
+                .find(|d| d.as_millis() * 6 / 5 > i32::MAX as u128)
+            {
+                errors.push(ConfigError::new(
+                    file,
+                    Some(format!("{name}.retry")),
+                    format!(
+                        "delay {} is too long: with its +20 % jitter a delay must stay within \
+                         2147483647ms (it is passed to PostgreSQL as 32-bit milliseconds): at \
+                         most about 20days 17h",
+                        humantime::format_duration(*d)
+                    ),
+                ));
+                continue;
+            }
         }
         if let Some(m) = common.max_attempts {
             if m == 0 {

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
+
+use crate::db::DbError;
 
 /// Keeps a LISTEN connection open until `stop` is cancelled.
 pub async fn run(
@@ -29,7 +31,6 @@ pub async fn run(
         };
         stats.set_listener_connected(false);
         if let Err(e) = outcome {
-            let e = crate::db::DbError::from(e);
             tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost; polling covers the gap");
         }
         // Whatever happened, the claim loop should look again.
@@ -48,13 +49,14 @@ async fn listen_once(
     wake: &Notify,
     stats: &crate::dispatch::stats::Stats,
     backoff: &mut Duration,
-) -> Result<(), tokio_postgres::Error> {
-    let mut cfg: tokio_postgres::Config = url.parse()?;
+) -> Result<(), DbError> {
+    let mut target = crate::db::tls::target(url)?;
+    let cfg = &mut target.config;
     cfg.connect_timeout(connect_timeout);
     cfg.keepalives(true);
     cfg.keepalives_idle(Duration::from_secs(30));
     cfg.application_name("outboxd-listen");
-    let (client, mut conn) = cfg.connect(NoTls).await?;
+    let (client, mut conn) = target.connect().await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
         let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -84,10 +86,10 @@ async fn listen_once(
     loop {
         match rx.recv().await {
             Some(Ok(())) => wake.notify_one(),
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e.into()),
             None => {
                 // The connection ended without an error: report it through a query on the client.
-                return client.batch_execute("SELECT 1").await.and(Ok(()));
+                return Ok(client.batch_execute("SELECT 1").await?);
             }
         }
     }

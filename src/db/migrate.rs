@@ -8,10 +8,6 @@
 //! create the roles (migration 4) and hand the objects to `outboxd_owner`, which the daemon's role
 //! cannot do, and on a fresh server that role does not exist yet.
 
-use std::str::FromStr;
-
-use tokio_postgres::NoTls;
-
 use super::DbError;
 
 /// (version, name, SQL) of every migration, in order.
@@ -25,10 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
 
 /// Creates the database named in `url` when it does not exist (connecting to `postgres` on the same
-/// server to do so). Returns whether it was created.
+/// server to do so, with the same TLS settings). Returns whether it was created.
 pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let cfg = as_connecting_user(url)?;
-    match cfg.connect(NoTls).await {
+    let target = as_connecting_user(url)?;
+    let cfg = &target.config;
+    match target.connect().await {
         Ok((client, conn)) => {
             drop(client);
             drop(conn);
@@ -39,9 +36,9 @@ pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
                 .get_dbname()
                 .ok_or_else(|| DbError::Config("the database URL names no database".into()))?
                 .to_string();
-            let mut admin = cfg.clone();
-            admin.dbname("postgres");
-            let (client, conn) = admin.connect(NoTls).await?;
+            let mut admin = target.clone();
+            admin.config.dbname("postgres");
+            let (client, conn) = admin.connect().await?;
             let task = tokio::spawn(conn);
             let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
             let created = match client.batch_execute(&sql).await {
@@ -113,7 +110,7 @@ pub async fn prepare_database(url: &str, create: bool) -> Result<Vec<i32>, DbErr
     if create {
         ensure_database(url).await?;
     }
-    let (client, conn) = as_connecting_user(url)?.connect(NoTls).await?;
+    let (client, conn) = as_connecting_user(url)?.connect().await?;
     let task = tokio::spawn(conn);
     let r = migrate(&client).await;
     drop(client);
@@ -123,14 +120,13 @@ pub async fn prepare_database(url: &str, create: bool) -> Result<Vec<i32>, DbErr
 
 /// The connection settings of `url` without any `role` startup option (`-c role=…`, `-crole=…`,
 /// `--role=…`): the session stays the connecting user.
-fn as_connecting_user(url: &str) -> Result<tokio_postgres::Config, DbError> {
-    let mut cfg =
-        tokio_postgres::Config::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
-    if let Some(options) = cfg.get_options() {
+fn as_connecting_user(url: &str) -> Result<super::tls::Target, DbError> {
+    let mut target = super::tls::target(url)?;
+    if let Some(options) = target.config.get_options() {
         let kept = without_role(options);
-        cfg.options(&kept);
+        target.config.options(&kept);
     }
-    Ok(cfg)
+    Ok(target)
 }
 
 /// `options` (space-separated, `\` escapes the next character) minus the settings of `role`.
@@ -192,6 +188,9 @@ mod tests {
             "-c application_name=a\\ b"
         );
         let url = crate::db::with_session_role("postgres://u@h/db?sslmode=disable", "r");
-        assert_eq!(as_connecting_user(&url).unwrap().get_options(), Some(""));
+        assert_eq!(
+            as_connecting_user(&url).unwrap().config.get_options(),
+            Some("")
+        );
     }
 }

@@ -1,19 +1,26 @@
 //! Database access: the connection pool, database creation, migrations, and the outbox queries of
 //! the daemon's hot path and of the CLI.
 //!
-//! Invariants: every call is bounded by `db_timeout`; the hot path is one round trip per batch
-//! (`outbox.claim`, `outbox.extend_leases`, `outbox.record_outcomes`, `outbox.reclaim_expired`,
-//! `outbox.release`), through statements prepared once per pooled connection.
+//! Invariants: every call is bounded by `db_timeout`, on the client ([`Db::timed`]) and on the
+//! server (the sessions' `statement_timeout`); a call abandoned by its timeout is cancelled on the
+//! server and its connection is closed, never handed out again; the hot path is one round trip per
+//! batch (`outbox.claim`, `outbox.extend_leases`, `outbox.record_outcomes`,
+//! `outbox.reclaim_expired`, `outbox.release`), through statements prepared once per pooled
+//! connection. Every connection honours the URL's `sslmode` ([`tls`]).
 
 pub mod listener;
 pub mod migrate;
+pub mod tls;
 
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
+use tokio_postgres::CancelToken;
 use uuid::Uuid;
 
 use crate::connector::OutboxMessage;
@@ -24,18 +31,34 @@ pub enum DbError {
     #[error("database: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
     #[error("database call timed out after {0:?}: {1}")]
     Timeout(Duration, &'static str),
     #[error("database configuration: {0}")]
     Config(String),
 }
 
-/// tokio-postgres prints only "db error" for server errors: show the server's message.
-fn describe(e: &tokio_postgres::Error) -> String {
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            // A connection that could not be opened: say why (TLS, refused, authentication).
+            deadpool_postgres::PoolError::Backend(e) => DbError::Query(e),
+            e => DbError::Pool(e),
+        }
+    }
+}
+
+/// tokio-postgres prints only "db error" for server errors: show the server's message. Other
+/// errors print only their kind ("error performing TLS handshake"), so their immediate cause is
+/// shown too, against the house rule of no source chain in `Display`: it is the only text that
+/// says what failed, and tokio-postgres never puts the connection string (or its password) in it.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("{}: {}", d.code().code(), d.message()),
-        None => e.to_string(),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 
@@ -139,65 +162,187 @@ pub struct Db {
     timeout: Duration,
 }
 
+tokio::task_local! {
+    /// The [`Db::timed`] call the current task is in, so that [`Pool::get`] can register the
+    /// connections the call uses.
+    static CALL: Arc<Call>;
+}
+
+/// The connections one timed call has checked out, and whether the call was abandoned.
+#[derive(Default)]
+struct Call {
+    abandoned: AtomicBool,
+    /// Cancel tokens of the connections still checked out (`None` once returned).
+    checked_out: Mutex<Vec<Option<CancelToken>>>,
+}
+
+/// The connection pool. A connection taken inside [`Db::timed`] is tracked: if the call times out,
+/// the statement it runs is cancelled on the server and the connection is closed rather than
+/// returned, since it may still be busy with the abandoned statement (or in a transaction).
+#[derive(Clone)]
+pub struct Pool {
+    inner: deadpool_postgres::Pool,
+    tls: tls::Tls,
+}
+
+impl Pool {
+    /// Waits for a connection (bounded by the pool's wait timeout).
+    pub async fn get(&self) -> Result<Conn, deadpool_postgres::PoolError> {
+        let obj = self.inner.get().await?;
+        let tracked = CALL.try_with(|call| {
+            let mut list = call.checked_out.lock().unwrap();
+            list.push(Some(obj.cancel_token()));
+            (Arc::clone(call), list.len() - 1)
+        });
+        Ok(Conn {
+            obj: Some(obj),
+            tracked: tracked.ok(),
+        })
+    }
+
+    pub fn status(&self) -> deadpool_postgres::Status {
+        self.inner.status()
+    }
+}
+
+/// A pooled connection; derefs to the client.
+pub struct Conn {
+    obj: Option<deadpool_postgres::Object>,
+    tracked: Option<(Arc<Call>, usize)>,
+}
+
+impl Deref for Conn {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        self.obj.as_ref().expect("present until dropped")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.obj.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some((call, slot)) = &self.tracked else {
+            return;
+        };
+        if call.abandoned.load(Ordering::SeqCst) {
+            if let Some(obj) = self.obj.take() {
+                // Out of the pool for good; dropping the client closes the connection once the
+                // cancelled statement has ended.
+                drop(deadpool_postgres::Object::take(obj));
+            }
+        } else {
+            call.checked_out.lock().unwrap()[*slot] = None;
+        }
+    }
+}
+
 const CLAIM: &str = "SELECT id, code, agenttypecode, agentcode, profile, address, subject, content, \
                      label, attempts, max_attempts, priority, created FROM outbox.claim($1, $2, $3)";
 const RECORD: &str =
     "SELECT count(*) FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 impl Db {
-    /// Builds a pool (connections are opened lazily) whose sessions use `synchronous_commit`
-    /// (when given).
+    /// Builds a pool (connections are opened lazily, with TLS as the URL's `sslmode` says) whose
+    /// sessions use `synchronous_commit` (when given) and `statement_timeout = timeout` (unless
+    /// the URL's `options` set one), so that the server stops a statement the client gave up on
+    /// even when the cancel request cannot reach it.
     pub fn connect(
         url: &str,
         pool_size: usize,
         timeout: Duration,
         synchronous_commit: Option<&str>,
     ) -> Result<Db, DbError> {
-        let mut pg =
-            tokio_postgres::Config::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
+        let target = tls::target(url)?;
+        let mut pg = target.config;
         if pg.get_application_name().is_none() {
             pg.application_name("outboxd");
         }
-        if let Some(sc) = synchronous_commit {
-            let mut options = pg.get_options().map(str::to_string).unwrap_or_default();
+        let mut options = pg.get_options().map(str::to_string).unwrap_or_default();
+        let mut add = |setting: String| {
             if !options.is_empty() {
                 options.push(' ');
             }
-            options.push_str(&format!("-c synchronous_commit={sc}"));
-            pg.options(&options);
+            options.push_str(&format!("-c {setting}"));
+        };
+        if let Some(sc) = synchronous_commit {
+            add(format!("synchronous_commit={sc}"));
         }
+        if statement_timeout_of(&pg).is_none() {
+            add(format!("statement_timeout={}", timeout.as_millis().max(1)));
+        }
+        pg.options(&options);
         pg.connect_timeout(timeout);
         pg.keepalives(true);
         let mgr = Manager::from_config(
             pg,
-            NoTls,
+            target.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let pool = Pool::builder(mgr)
+        let pool = deadpool_postgres::Pool::builder(mgr)
             .max_size(pool_size)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(timeout))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
-        Ok(Db { pool, timeout })
+        Ok(Db {
+            pool: Pool {
+                inner: pool,
+                tls: target.tls,
+            },
+            timeout,
+        })
     }
 
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
-    /// Runs `f` under the call timeout.
+    /// Runs `f` under the call timeout. When it fires, the statements of the connections `f`
+    /// holds are cancelled on the server (a cancel request, as psql's Ctrl-C) and those
+    /// connections are closed instead of going back to the pool.
     pub async fn timed<T>(
         &self,
         what: &'static str,
         f: impl Future<Output = Result<T, DbError>>,
     ) -> Result<T, DbError> {
-        tokio::time::timeout(self.timeout, f)
-            .await
-            .map_err(|_| DbError::Timeout(self.timeout, what))?
+        let call = Arc::new(Call::default());
+        let fut = CALL.scope(Arc::clone(&call), f);
+        tokio::pin!(fut);
+        match tokio::time::timeout(self.timeout, &mut fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Marked before `fut` (and the connections in it) is dropped at the end of this
+                // function, so that they are taken out of the pool.
+                call.abandoned.store(true, Ordering::SeqCst);
+                let tokens: Vec<CancelToken> = call
+                    .checked_out
+                    .lock()
+                    .unwrap()
+                    .iter_mut()
+                    .filter_map(Option::take)
+                    .collect();
+                for token in tokens {
+                    let tls = self.pool.tls.clone();
+                    let limit = self.timeout;
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(limit, token.cancel_query(tls)).await {
+                            Ok(Ok(())) => tracing::debug!(call = what, "abandoned statement cancelled"),
+                            Ok(Err(e)) => tracing::warn!(call = what, error = %DbError::from(e), "cannot cancel an abandoned statement; statement_timeout ends it"),
+                            Err(_) => tracing::warn!(call = what, "cancel request timed out; statement_timeout ends the abandoned statement"),
+                        }
+                    });
+                }
+                Err(DbError::Timeout(self.timeout, what))
+            }
+        }
     }
 
     /// Claims up to `limit` due messages for `worker`, moving them to `sending` under a lease.
@@ -323,6 +468,61 @@ impl Db {
     }
 }
 
+/// The `statement_timeout` that a connection string's `options` (`-c statement_timeout=…`) set, if
+/// any, as PostgreSQL reads it (a number is milliseconds; units `us`, `ms`, `s`, `min`, `h`, `d`).
+/// `Some(None)` when it is set but unreadable.
+pub fn statement_timeout_of(pg: &tokio_postgres::Config) -> Option<Option<Duration>> {
+    let options = pg.get_options()?;
+    let mut value = None;
+    let mut words = options.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        let setting = match w {
+            "-c" => words.next().unwrap_or_default(),
+            w => match w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+                Some(s) => s,
+                None => continue,
+            },
+        };
+        if let Some(v) = setting
+            .strip_prefix("statement_timeout=")
+            .or_else(|| setting.strip_prefix("statement-timeout="))
+        {
+            value = Some(parse_pg_duration(v));
+        }
+    }
+    value
+}
+
+fn parse_pg_duration(v: &str) -> Option<Duration> {
+    let v = v.trim_matches('\'');
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit.trim() {
+        "" | "ms" => Duration::from_millis(n),
+        "us" => Duration::from_micros(n),
+        "s" => Duration::from_secs(n),
+        "min" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86400),
+        _ => return None,
+    })
+}
+
+/// Opens one connection outside the pool (migrations, the CLI), with TLS as the URL's `sslmode`
+/// says; the connection runs in a spawned task, whose handle is returned.
+pub async fn connect_one(
+    url: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), DbError> {
+    let (client, conn) = tls::target(url)?.connect().await?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %DbError::from(e), "connection ended");
+        }
+    });
+    Ok((client, task))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +553,36 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(cfg.get_application_name(), Some("x"));
+    }
+
+    #[test]
+    fn statement_timeouts_are_read_from_options() {
+        let cfg = |o: &str| {
+            let mut c = tokio_postgres::Config::new();
+            c.options(o);
+            c
+        };
+        assert_eq!(statement_timeout_of(&tokio_postgres::Config::new()), None);
+        assert_eq!(
+            statement_timeout_of(&cfg("-c synchronous_commit=off")),
+            None
+        );
+        assert_eq!(
+            statement_timeout_of(&cfg("-c statement_timeout=1500")),
+            Some(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            statement_timeout_of(&cfg("-cstatement_timeout=2s -c x=y")),
+            Some(Some(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            statement_timeout_of(&cfg("--statement-timeout=0")),
+            Some(Some(Duration::ZERO))
+        );
+        assert_eq!(
+            statement_timeout_of(&cfg("-c statement_timeout=soon")),
+            Some(None)
+        );
     }
 
     #[test]
