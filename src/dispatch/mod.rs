@@ -328,11 +328,12 @@ pub async fn run(
     drop(done_tx);
     // The outcomes of finished deliveries are recorded before anything is handed back. The
     // recorder retries transient errors while the heartbeat (still running) keeps their leases;
-    // it is given up to a lease period beyond the grace period, after which the leases expire.
-    let recorder_finished =
-        tokio::time::timeout(cfg.grace_period + cfg.lease + cfg.db_timeout, recorder)
-            .await
-            .is_ok();
+    // it is given up to a lease period, after which the leases would expire anyway. (Worst case
+    // with the defaults: grace 10 s + lease 30 s + two DB timeouts of 10 s = systemd's
+    // TimeoutStopSec=60.)
+    let recorder_finished = tokio::time::timeout(cfg.lease + cfg.db_timeout, recorder)
+        .await
+        .is_ok();
     let (leftover, pending): (Vec<ClaimKey>, usize) = {
         let inflight = shared.inflight.lock().unwrap();
         let leftover = inflight
