@@ -632,3 +632,57 @@ async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
     );
     assert_eq!(report.delivered, 1, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_daemon_reclaiming_and_claiming_again_keeps_the_two_claims_apart() {
+    let db = TestDb::new().await;
+    // Every delivery takes longer than a lease: only the heartbeat keeps a claim alive.
+    let rx = Receiver::start(Behaviour::Delay(Duration::from_millis(2500))).await;
+    let mut tc = TestConfig::new(&db, &[("http", &http_conf(&rx.url, "timeout = \"10s\""))]);
+    tc.config.lease = Duration::from_millis(1500);
+    tc.config.poll_interval = Duration::from_millis(100);
+    let c = db.client().await;
+    // A stalled heartbeat: while public.stall has a row, extending a lease fails.
+    c.batch_execute(
+        "CREATE TABLE public.stall ();
+         INSERT INTO public.stall DEFAULT VALUES;
+         CREATE FUNCTION public.stall_heartbeat() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM public.stall) THEN
+                 RAISE EXCEPTION 'injected heartbeat stall' USING ERRCODE = 'lock_not_available';
+             END IF;
+             RETURN NEW;
+         END
+         $$;
+         CREATE TRIGGER stall_heartbeat BEFORE UPDATE ON outbox.messages FOR EACH ROW
+             WHEN (OLD.state = 'sending' AND NEW.state = 'sending')
+             EXECUTE FUNCTION public.stall_heartbeat();",
+    )
+    .await
+    .unwrap();
+    let d = Daemon::start(tc.config.clone());
+    wait_listening(&c, T).await;
+    let id = send(&c, "http.agent", "default", "/x", "{}").await;
+    // The first claim's lease expires; the daemon itself reclaims the message and claims it again
+    // while the first delivery is still running.
+    wait_for(T, "a second delivery of the message", || async {
+        (rx.count() == 2).then_some(())
+    })
+    .await;
+    c.batch_execute("DELETE FROM public.stall").await.unwrap();
+    // The first delivery's outcome arrives, stale; the second claim keeps its heartbeat and is not
+    // reclaimed although its delivery outlasts a lease.
+    wait_state(&c, id, "submitted", T).await;
+    let report = d.stop().await;
+    assert_eq!(rx.count(), 2, "no third delivery");
+    let a = attempts(&c, id).await;
+    assert_eq!(
+        a.iter()
+            .map(|x| (x.1.as_str(), x.2.as_deref()))
+            .collect::<Vec<_>>(),
+        [("interrupted", Some("lease-expired")), ("done", None)],
+        "two deliveries, two attempt rows"
+    );
+    assert_eq!(report.stale, 1, "{report:?}");
+    assert_eq!(report.delivered, 1, "{report:?}");
+}
