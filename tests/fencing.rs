@@ -558,11 +558,31 @@ async fn stall_proxy(target: String) -> (u16, tokio::sync::watch::Sender<bool>) 
     (port, pause)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
-    let db = TestDb::new().await;
-    let rx = Receiver::start(Behaviour::Ok("{}".into())).await;
-    let mut tc = http_daemon(&db, &rx);
+/// Whether one of the daemon's pool connections has sent a statement matching `pattern` (a Parse
+/// shows in pg_stat_activity even while its answer waits in the paused proxy).
+async fn daemon_ran(c: &tokio_postgres::Client, pattern: &str) -> Option<()> {
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'outboxd' AND query LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    (n > 0).then_some(())
+}
+
+/// A daemon whose pool goes through a [`stall_proxy`] (its LISTEN connection does not), with one
+/// pooled connection, so that every call after a stall goes where the claim went (a new
+/// connection could not even log in through a paused proxy). Returns once it has claimed once,
+/// with the proxy's pause switch.
+async fn daemon_behind_proxy(
+    db: &TestDb,
+    rx: &Receiver,
+    db_timeout: Duration,
+) -> (Daemon, tokio::sync::watch::Sender<bool>) {
+    let mut tc = http_daemon(db, rx);
     let direct = url::Url::parse(&db.url).unwrap();
     let target = format!(
         "{}:{}",
@@ -575,33 +595,25 @@ async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
     proxied.set_port(Some(port)).unwrap();
     tc.config.database_url = outboxd::config::Secret::new(proxied.to_string());
     tc.config.listen_url = Some(outboxd::config::Secret::new(db.url.clone()));
-    tc.config.db_timeout = Duration::from_millis(400);
+    tc.config.db_timeout = db_timeout;
     tc.config.poll_interval = Duration::from_millis(100);
-    // One connection, so that every call after the stall goes where the claim went (a new
-    // connection could not even log in through a paused proxy).
     tc.config.pool_size = 1;
     let d = Daemon::start(tc.config.clone());
     let c = db.client().await;
     wait_listening(&c, T).await;
-    let daemon_ran = |pattern: &'static str| {
-        let c = &c;
-        async move {
-            let n: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                     AND application_name = 'outboxd' AND query LIKE $1",
-                    &[&pattern],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n > 0).then_some(())
-        }
-    };
     wait_for(T, "the daemon's first claim", || {
-        daemon_ran("%outbox.claim(%")
+        daemon_ran(&c, "%outbox.claim(%")
     })
     .await;
+    (d, pause)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start(Behaviour::Ok("{}".into())).await;
+    let (d, pause) = daemon_behind_proxy(&db, &rx, Duration::from_millis(400)).await;
+    let c = db.client().await;
 
     pause.send_replace(true);
     let id = send(&c, "http.agent", "default", "/x", "{}").await;
@@ -611,7 +623,7 @@ async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
     .await;
     // The daemon gave up waiting for the claim's answer and asks for its hand-back.
     wait_for(T, "the daemon to hand the claim back", || {
-        daemon_ran("%outbox.release_claim(%")
+        daemon_ran(&c, "%outbox.release_claim(%")
     })
     .await;
     pause.send_replace(false);
@@ -631,6 +643,34 @@ async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
         "no lease-expired attempt for a claim no delivery started: {a:?}"
     );
     assert_eq!(report.delivered, 1, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn term_during_a_claim_call_hands_back_what_it_may_have_claimed() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start(Behaviour::Ok("{}".into())).await;
+    // A DB timeout longer than the test: the stop, not a timeout, ends the claim call.
+    let (d, pause) = daemon_behind_proxy(&db, &rx, Duration::from_secs(60)).await;
+    let c = db.client().await;
+
+    pause.send_replace(true);
+    let id = send(&c, "http.agent", "default", "/x", "{}").await;
+    wait_for(T, "the claim to commit unacknowledged", || async {
+        (state_of(&c, id).await == "sending").then_some(())
+    })
+    .await;
+    let stopping = tokio::spawn(d.stop());
+    wait_for(T, "the daemon to hand the claim back", || {
+        daemon_ran(&c, "%outbox.release_claim(%")
+    })
+    .await;
+    pause.send_replace(false);
+    let report = stopping.await.unwrap();
+
+    assert_eq!(report.orphaned, 1, "{report:?}");
+    assert_eq!(state_of(&c, id).await, "prepared");
+    assert!(attempts(&c, id).await.is_empty());
+    assert_eq!(rx.count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -213,6 +213,8 @@ pub async fn run(
     let mut db_backoff = Duration::from_millis(100);
     // Claim calls that failed on the client but may have committed on the server.
     let mut orphans: Vec<(Uuid, Instant)> = Vec::new();
+    // The claim call running when the stop came (its future is dropped, it may have committed).
+    let claim_running: Mutex<Option<Uuid>> = Mutex::new(None);
 
     {
         let stop = stop.clone();
@@ -244,11 +246,13 @@ pub async fn run(
                 }
                 let want = free.min(cfg.batch_size);
                 let claim_id = Uuid::new_v4();
-                let claimed = match shared
+                *claim_running.lock().unwrap() = Some(claim_id);
+                let result = shared
                     .db
                     .claim(&shared.worker, want, cfg.lease, claim_id)
-                    .await
-                {
+                    .await;
+                *claim_running.lock().unwrap() = None;
+                let claimed = match result {
                     Ok(c) => {
                         db_backoff = Duration::from_millis(100);
                         c
@@ -310,6 +314,9 @@ pub async fn run(
             }
         }
         stop.cancel();
+    }
+    if let Some(claim_id) = claim_running.lock().unwrap().take() {
+        orphans.push((claim_id, Instant::now()));
     }
 
     // Drain: in-flight deliveries may finish within the grace period.
