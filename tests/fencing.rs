@@ -340,6 +340,7 @@ async fn an_outcome_whose_lease_was_lost_during_a_stall_does_not_finalise_the_ne
     tc.config.db_timeout = Duration::from_millis(500);
     let d = Daemon::start(tc.config.clone());
     let c = db.client().await;
+    let mut stall = db.client().await;
     wait_listening(&c, T).await;
     let id = send(&c, "http.agent", "default", "/x", "{}").await;
     wait_for(T, "the delivery to start", || async {
@@ -349,7 +350,6 @@ async fn an_outcome_whose_lease_was_lost_during_a_stall_does_not_finalise_the_ne
 
     // A stall: this transaction holds the message's row, so the heartbeat and the recording of
     // the outcome wait (time out, are retried) ...
-    let mut stall = db.client().await;
     let tx = stall.transaction().await.unwrap();
     let state: String = tx
         .query_one(
@@ -677,7 +677,7 @@ async fn term_during_a_claim_call_hands_back_what_it_may_have_claimed() {
 async fn the_same_daemon_reclaiming_and_claiming_again_keeps_the_two_claims_apart() {
     let db = TestDb::new().await;
     // Every delivery takes longer than a lease: only the heartbeat keeps a claim alive.
-    let rx = Receiver::start(Behaviour::Delay(Duration::from_millis(2500))).await;
+    let rx = Receiver::start(Behaviour::Delay(Duration::from_millis(4000))).await;
     let mut tc = TestConfig::new(&db, &[("http", &http_conf(&rx.url, "timeout = \"10s\""))]);
     tc.config.lease = Duration::from_millis(1500);
     tc.config.poll_interval = Duration::from_millis(100);
