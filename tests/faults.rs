@@ -394,8 +394,9 @@ async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused()
         ("cancel only", no_statement_timeout),
     ] {
         let id = send(&c, "file.agent", "default", "a", case).await;
+        let claim = Uuid::new_v4();
         let claimed: Vec<Uuid> = c
-            .query("SELECT id FROM outbox.claim('w', 10, 60000)", &[])
+            .query("SELECT id FROM outbox.claim('w', 10, 60000, $1)", &[&claim])
             .await
             .unwrap()
             .iter()
@@ -428,7 +429,7 @@ async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused()
         .await
         .unwrap();
         let e = pool
-            .release("w", &[id], Duration::from_secs(1))
+            .release("w", &[(id, claim)], Duration::from_secs(1))
             .await
             .unwrap_err();
         // statement_timeout equals db_timeout, so under load the server may end the statement
@@ -476,7 +477,7 @@ async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused()
             assert_ne!(pool_pid(&pool).await, first, "{case}");
         }
         assert_eq!(
-            pool.release("w", &[id], Duration::from_secs(1))
+            pool.release("w", &[(id, claim)], Duration::from_secs(1))
                 .await
                 .unwrap(),
             1,

@@ -133,20 +133,24 @@ async fn an_operator_or_function_planted_on_the_search_path_never_runs() {
     for _ in 0..3 {
         send_file(&c, None, "a").await;
     }
+    let claim = Uuid::new_v4();
     let claimed = c
-        .query("SELECT id FROM outbox.claim('w', 2, 60000)", &[])
+        .query("SELECT id FROM outbox.claim('w', 2, 60000, $1)", &[&claim])
         .await
         .unwrap_or_else(|e| panic!("claim ran the planted operator: {e:?}"));
     assert_eq!(claimed.len(), 2);
     let ids: Vec<Uuid> = claimed.iter().map(|r| r.get(0)).collect();
-    let held: i32 = c
-        .query_one("SELECT outbox.extend_leases('w', $1, 60000)", &[&ids])
+    let claims = vec![claim; ids.len()];
+    let held = c
+        .query(
+            "SELECT id FROM outbox.extend_leases('w', $1, $2, 60000)",
+            &[&ids, &claims],
+        )
         .await
-        .unwrap_or_else(|e| panic!("extend_leases ran the planted operator: {e:?}"))
-        .get(0);
-    assert_eq!(held, 2);
+        .unwrap_or_else(|e| panic!("extend_leases ran the planted operator: {e:?}"));
+    assert_eq!(held.len(), 2);
     let released: i32 = c
-        .query_one("SELECT outbox.release('w', $1, 10)", &[&ids])
+        .query_one("SELECT outbox.release('w', $1, $2, 10)", &[&ids, &claims])
         .await
         .unwrap_or_else(|e| panic!("release ran the planted operator: {e:?}"))
         .get(0);

@@ -406,18 +406,25 @@ async fn hot_path_claims_skip_locked_and_ignores_stale_outcomes() {
         .unwrap()
         .get(0);
     // Two workers claim concurrently inside open transactions: no overlap.
+    let claim_w1 = Uuid::new_v4();
     let c2 = db.client().await;
     c.batch_execute("BEGIN").await.unwrap();
     c2.batch_execute("BEGIN").await.unwrap();
     let a: Vec<Uuid> = c
-        .query("SELECT id FROM outbox.claim('w1', 6, 60000)", &[])
+        .query(
+            "SELECT id FROM outbox.claim('w1', 6, 60000, $1)",
+            &[&claim_w1],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
     let b: Vec<Uuid> = c2
-        .query("SELECT id FROM outbox.claim('w2', 6, 60000)", &[])
+        .query(
+            "SELECT id FROM outbox.claim('w2', 6, 60000, gen_random_uuid())",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -433,22 +440,26 @@ async fn hot_path_claims_skip_locked_and_ignores_stale_outcomes() {
     );
     assert!(a.iter().all(|x| !b.contains(x)));
     assert!(!a.contains(&later) && !b.contains(&later));
-    // w2 reports an outcome for a message w1 holds: recorded as an attempt, no state change.
+    // w2 reports an outcome for a message w1 holds (with w1's claim id, even): stale, no state
+    // change.
     let stolen = a[0];
-    let changed: i64 = c
+    let result: String = c
         .query_one(
-            "SELECT count(*) FROM outbox.record_outcomes('w2', ARRAY[$1::uuid], ARRAY['done'], ARRAY[NULL], \
-             ARRAY[NULL], ARRAY[200], ARRAY['p'], ARRAY[1], ARRAY[NULL::int], ARRAY[NULL])",
-            &[&stolen],
+            "SELECT result FROM outbox.record_outcomes('w2', ARRAY[$1::uuid], ARRAY[$2::uuid], ARRAY[1], \
+             ARRAY['done'], ARRAY[NULL], ARRAY[NULL], ARRAY[200], ARRAY['p'], ARRAY[1], ARRAY[NULL::int], ARRAY[NULL])",
+            &[&stolen, &claim_w1],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(changed, 0);
+    assert_eq!(result, "stale");
     assert_eq!(state_of(&c, stolen).await, "sending");
     // Leases: extend only what you hold; expired ones are reclaimed as interrupted attempts.
-    let held: i32 = c
-        .query_one("SELECT outbox.extend_leases('w1', $1, 1)", &[&a])
+    let held: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.extend_leases('w1', $1, array_fill($2::uuid, ARRAY[cardinality($1::uuid[])]), 1)",
+            &[&a, &claim_w1],
+        )
         .await
         .unwrap()
         .get(0);
@@ -571,7 +582,10 @@ async fn a_message_whose_lease_expires_five_times_fails_instead_of_looping() {
     let id = message_in(&c, "prepared").await;
     for round in 1..=5 {
         let claimed = c
-            .query("SELECT id FROM outbox.claim('crashy', 1, 1)", &[])
+            .query(
+                "SELECT id FROM outbox.claim('crashy', 1, 1, gen_random_uuid())",
+                &[],
+            )
             .await
             .unwrap();
         assert_eq!(claimed.len(), 1, "round {round}: claimable again");
@@ -598,12 +612,15 @@ async fn a_message_whose_lease_expires_five_times_fails_instead_of_looping() {
 
 /// Ids `outbox.claim` returns for `worker` now.
 async fn claim_ids(c: &tokio_postgres::Client, worker: &str) -> Vec<Uuid> {
-    c.query("SELECT id FROM outbox.claim($1, 100, 60000)", &[&worker])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    c.query(
+        "SELECT id FROM outbox.claim($1, 100, 60000, $2)",
+        &[&worker, &Uuid::new_v4()],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 #[tokio::test]

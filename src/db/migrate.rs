@@ -14,6 +14,7 @@ use super::DbError;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "outbox", include_str!("../../sql/001_outbox.sql")),
     (2, "api", include_str!("../../sql/002_api.sql")),
+    (3, "fencing", include_str!("../../sql/003_fencing.sql")),
     (4, "roles", include_str!("../../sql/004_roles.sql")),
     (5, "retention", include_str!("../../sql/005_retention.sql")),
 ];

@@ -6,7 +6,10 @@
 //! server and its connection is closed, never handed out again; the hot path is one round trip per
 //! batch (`outbox.claim`, `outbox.extend_leases`, `outbox.record_outcomes`,
 //! `outbox.reclaim_expired`, `outbox.release`), through statements prepared once per pooled
-//! connection. Every connection honours the URL's `sslmode` ([`tls`]).
+//! connection. Every claim carries a fencing token (a claim id the daemon generates per
+//! `outbox.claim` call): heartbeats, outcomes and hand-backs present (message id, claim id) and
+//! touch a message only while that claim holds it (`sql/003_fencing.sql`). Every connection
+//! honours the URL's `sslmode` ([`tls`]).
 
 pub mod listener;
 pub mod migrate;
@@ -122,6 +125,10 @@ pub fn with_session_role(url: &str, role: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct OutcomeRow {
     pub id: Uuid,
+    /// The fencing token of the claim that produced this outcome.
+    pub claim_id: Uuid,
+    /// The attempt number the claim returned.
+    pub attempt: i32,
     /// `done`, `retry` or `failed`.
     pub outcome: &'static str,
     pub error_code: Option<String>,
@@ -154,6 +161,20 @@ impl OutcomeRow {
         }
     }
 }
+
+/// What `outbox.record_outcomes` did with one outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Applied: the message changed state and an attempt row was written.
+    Recorded,
+    /// Already recorded by an earlier call of this claim whose answer was lost; nothing written.
+    Duplicate,
+    /// The claim had lost its lease (reclaimed, maybe claimed again): the message was not changed.
+    Stale,
+}
+
+/// One claim a daemon holds: the message and the fencing token of the claim.
+pub type ClaimKey = (Uuid, Uuid);
 
 /// The pool and the timeout every call obeys.
 #[derive(Clone)]
@@ -241,10 +262,12 @@ impl Drop for Conn {
     }
 }
 
-const CLAIM: &str = "SELECT id, code, agenttypecode, agentcode, profile, address, subject, content, \
-                     label, attempts, max_attempts, priority, created FROM outbox.claim($1, $2, $3)";
-const RECORD: &str =
-    "SELECT count(*) FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+const CLAIM: &str =
+    "SELECT id, code, agenttypecode, agentcode, profile, address, subject, content, \
+                     label, attempts, max_attempts, priority, created \
+                     FROM outbox.claim($1, $2, $3, $4)";
+const RECORD: &str = "SELECT id, claim_id, result \
+                      FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
 impl Db {
     /// Builds a pool (connections are opened lazily, with TLS as the URL's `sslmode` says) whose
@@ -345,12 +368,15 @@ impl Db {
         }
     }
 
-    /// Claims up to `limit` due messages for `worker`, moving them to `sending` under a lease.
+    /// Claims up to `limit` due messages for `worker` under the fencing token `claim_id` (new for
+    /// every call), moving them to `sending` under a lease. When this fails, the claim may still
+    /// have committed on the server: hand its messages back with [`Db::release_claim`].
     pub async fn claim(
         &self,
         worker: &str,
         limit: usize,
         lease: Duration,
+        claim_id: Uuid,
     ) -> Result<Vec<OutboxMessage>, DbError> {
         self.timed("claim", async {
             let c = self.pool.get().await?;
@@ -358,7 +384,12 @@ impl Db {
             let rows = c
                 .query(
                     &st,
-                    &[&worker, &(limit as i32), &(lease.as_millis() as i32)],
+                    &[
+                        &worker,
+                        &(limit as i32),
+                        &(lease.as_millis() as i32),
+                        &claim_id,
+                    ],
                 )
                 .await?;
             Ok(rows
@@ -383,33 +414,59 @@ impl Db {
         .await
     }
 
-    /// Extends the leases `worker` holds on `ids`; returns how many it still holds.
-    pub async fn extend_leases(
-        &self,
-        worker: &str,
-        ids: &[Uuid],
-        lease: Duration,
-    ) -> Result<i32, DbError> {
-        self.timed("extend_leases", async {
+    /// Hands back the messages an orphaned claim left in `sending` (its call failed on the client
+    /// but may have committed on the server): no attempt row, no lease expiry charged. Returns how
+    /// many; a claim that reaches the server later claims nothing.
+    pub async fn release_claim(&self, worker: &str, claim_id: Uuid) -> Result<i32, DbError> {
+        self.timed("release_claim", async {
             let c = self.pool.get().await?;
-            let st = c
-                .prepare_cached("SELECT outbox.extend_leases($1, $2, $3)")
-                .await?;
             let row = c
-                .query_one(&st, &[&worker, &ids, &(lease.as_millis() as i32)])
+                .query_one("SELECT outbox.release_claim($1, $2)", &[&worker, &claim_id])
                 .await?;
             Ok(row.get(0))
         })
         .await
     }
 
-    /// Records a batch of outcomes in one round trip; returns how many messages changed state.
+    /// Extends the leases `worker` holds on `claims`; returns the claims it still holds.
+    pub async fn extend_leases(
+        &self,
+        worker: &str,
+        claims: &[ClaimKey],
+        lease: Duration,
+    ) -> Result<Vec<ClaimKey>, DbError> {
+        let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
+        let claim_ids: Vec<Uuid> = claims.iter().map(|c| c.1).collect();
+        self.timed("extend_leases", async {
+            let c = self.pool.get().await?;
+            let st = c
+                .prepare_cached("SELECT id, claim_id FROM outbox.extend_leases($1, $2, $3, $4)")
+                .await?;
+            let rows = c
+                .query(
+                    &st,
+                    &[&worker, &ids, &claim_ids, &(lease.as_millis() as i32)],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    /// Records a batch of outcomes in one round trip; returns what happened to each (by claim).
     /// Texts are made storable first: PostgreSQL `text` cannot hold NUL, and one provider's odd
-    /// reply must not keep a whole batch from being recorded.
-    pub async fn record_outcomes(&self, worker: &str, rows: &[OutcomeRow]) -> Result<i64, DbError> {
+    /// reply must not keep a whole batch from being recorded. Safe to retry: an outcome already
+    /// recorded by an earlier call of the same claim comes back [`Recorded::Duplicate`].
+    pub async fn record_outcomes(
+        &self,
+        worker: &str,
+        rows: &[OutcomeRow],
+    ) -> Result<Vec<(ClaimKey, Recorded)>, DbError> {
         let clean: Vec<OutcomeRow> = rows.iter().map(OutcomeRow::storable).collect();
         let rows = clean.as_slice();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let claim_ids: Vec<Uuid> = rows.iter().map(|r| r.claim_id).collect();
+        let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
         let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome).collect();
         let codes: Vec<Option<&str>> = rows.iter().map(|r| r.error_code.as_deref()).collect();
         let texts: Vec<Option<&str>> = rows.iter().map(|r| r.error_text.as_deref()).collect();
@@ -421,16 +478,26 @@ impl Db {
         self.timed("record_outcomes", async {
             let c = self.pool.get().await?;
             let st = c.prepare_cached(RECORD).await?;
-            let row = c
-                .query_one(
+            let rows = c
+                .query(
                     &st,
                     &[
-                        &worker, &ids, &outcomes, &codes, &texts, &statuses, &providers,
-                        &durations, &delays, &replies,
+                        &worker, &ids, &claim_ids, &attempts, &outcomes, &codes, &texts, &statuses,
+                        &providers, &durations, &delays, &replies,
                     ],
                 )
                 .await?;
-            Ok(row.get(0))
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let result = match r.get::<_, &str>(2) {
+                        "recorded" => Recorded::Recorded,
+                        "duplicate" => Recorded::Duplicate,
+                        _ => Recorded::Stale,
+                    };
+                    ((r.get(0), r.get(1)), result)
+                })
+                .collect())
         })
         .await
     }
@@ -447,19 +514,22 @@ impl Db {
         .await
     }
 
-    /// Hands messages back as prepared (shutdown), due after `delay`.
+    /// Hands messages whose delivery did not finish back as prepared (shutdown), due after
+    /// `delay`; only the claims `worker` still holds.
     pub async fn release(
         &self,
         worker: &str,
-        ids: &[Uuid],
+        claims: &[ClaimKey],
         delay: Duration,
     ) -> Result<i32, DbError> {
+        let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
+        let claim_ids: Vec<Uuid> = claims.iter().map(|c| c.1).collect();
         self.timed("release", async {
             let c = self.pool.get().await?;
             let row = c
                 .query_one(
-                    "SELECT outbox.release($1, $2, $3)",
-                    &[&worker, &ids, &(delay.as_millis() as i32)],
+                    "SELECT outbox.release($1, $2, $3, $4)",
+                    &[&worker, &ids, &claim_ids, &(delay.as_millis() as i32)],
                 )
                 .await?;
             Ok(row.get(0))
@@ -589,6 +659,8 @@ mod tests {
     fn nul_bytes_are_replaced_before_recording() {
         let row = OutcomeRow {
             id: Uuid::nil(),
+            claim_id: Uuid::nil(),
+            attempt: 1,
             outcome: "done",
             error_code: None,
             error_text: Some("a\0b".into()),

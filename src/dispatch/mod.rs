@@ -7,16 +7,23 @@
 //! through a channel to one recorder, which writes whatever has accumulated with one
 //! `outbox.record_outcomes` call. While deliveries run, a heartbeat extends their leases.
 //!
-//! Invariants: a message is in `inflight` from its claim until its outcome is recorded; on graceful
-//! stop, messages whose delivery did not finish within the grace period are handed back with
-//! `outbox.release`; if the daemon dies instead, their leases expire and any daemon reclaims them.
+//! Invariants: a claim (message id, claim id) is in `inflight` from its claim until its outcome is
+//! recorded; the claim id is the fencing token every heartbeat, outcome and hand-back presents, so
+//! an outcome whose lease was lost (reclaimed, maybe claimed again — even by this daemon) is
+//! recorded as stale and changes nothing. An outcome is never dropped: transient errors are
+//! retried; only a data error gets the fallback without the provider's texts. On graceful stop the
+//! outcomes of finished deliveries are recorded first; then only messages whose delivery did not
+//! finish within the grace period are handed back with `outbox.release` (never one whose outcome
+//! is pending). A claim call that failed on the client may have committed on the server: its
+//! messages are handed back with `outbox.release_claim`, uncharged. If the daemon dies instead,
+//! leases expire and any daemon reclaims them.
 
 pub mod retention;
 pub mod retry;
 pub mod router;
 pub mod stats;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +38,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
 use crate::connector::{DeliveryError, OutboxMessage, Receipt};
-use crate::db::{Db, DbError, OutcomeRow};
+use crate::db::{ClaimKey, Db, DbError, OutcomeRow, Recorded};
 pub use retry::RetryDecision;
 pub use router::Router;
 
@@ -55,6 +62,11 @@ pub struct RunReport {
     pub failed: u64,
     /// Handed back as prepared on shutdown.
     pub released: u64,
+    /// Outcomes ignored because their claim had lost its lease (not counted above).
+    pub stale: u64,
+    /// Messages of claim calls that failed on the client but committed on the server, handed
+    /// back undelivered with `outbox.release_claim`.
+    pub orphaned: u64,
 }
 
 /// Handles that control a running daemon.
@@ -95,10 +107,19 @@ pub fn build_router(cfg: &Config) -> Result<Router, Vec<ConfigError>> {
     }
 }
 
+/// What the daemon knows about one claim it holds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flight {
+    /// The delivery finished: its outcome is with the recorder (never hand the message back).
+    finished: bool,
+    /// The heartbeat found the lease lost: the outcome will be stale.
+    lost: bool,
+}
+
 struct Shared {
     db: Db,
     worker: String,
-    inflight: Mutex<HashSet<Uuid>>,
+    inflight: Mutex<HashMap<ClaimKey, Flight>>,
     report: Mutex<RunReport>,
 }
 
@@ -133,7 +154,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         db,
         worker,
-        inflight: Mutex::new(HashSet::new()),
+        inflight: Mutex::new(HashMap::new()),
         report: Mutex::new(RunReport::default()),
     });
 
@@ -241,6 +262,10 @@ pub async fn run(
     let mut poll = tokio::time::interval(cfg.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut db_backoff = Duration::from_millis(100);
+    // Claim calls that failed on the client but may have committed on the server.
+    let mut orphans: Vec<(Uuid, Instant)> = Vec::new();
+    // The claim call running when the stop came (its future is dropped, it may have committed).
+    let claim_running: Mutex<Option<Uuid>> = Mutex::new(None);
 
     {
         let stop = stop.clone();
@@ -251,6 +276,7 @@ pub async fn run(
             loop {
                 while deliveries.try_join_next().is_some() {}
                 controls.stats.loop_busy(true);
+                release_orphans(&shared, &mut orphans, cfg.lease).await;
                 if reclaim_due {
                     reclaim_due = false;
                     match shared.db.reclaim_expired(&shared.worker).await {
@@ -273,7 +299,14 @@ pub async fn run(
                     continue;
                 }
                 let want = free.min(cfg.batch_size);
-                let claimed = match shared.db.claim(&shared.worker, want, cfg.lease).await {
+                let claim_id = Uuid::new_v4();
+                *claim_running.lock().unwrap() = Some(claim_id);
+                let result = shared
+                    .db
+                    .claim(&shared.worker, want, cfg.lease, claim_id)
+                    .await;
+                *claim_running.lock().unwrap() = None;
+                let claimed = match result {
                     Ok(c) => {
                         db_backoff = Duration::from_millis(100);
                         c
@@ -281,6 +314,9 @@ pub async fn run(
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?db_backoff, "claim failed");
                         controls.stats.loop_busy(false);
+                        if may_have_committed(&e) {
+                            orphans.push((claim_id, Instant::now()));
+                        }
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(db_backoff) => {}
@@ -299,16 +335,27 @@ pub async fn run(
                         .clone()
                         .try_acquire_owned()
                         .expect("the claim loop is the only taker of slots");
-                    shared.inflight.lock().unwrap().insert(msg.id);
+                    let key = (msg.id, claim_id);
+                    shared
+                        .inflight
+                        .lock()
+                        .unwrap()
+                        .insert(key, Flight::default());
                     let route = router.load().resolve(&msg).cloned();
                     let tx = done_tx.clone();
                     let stats = controls.stats.clone();
+                    let shared = shared.clone();
                     deliveries.spawn(async move {
                         let connector = route
                             .as_ref()
                             .map_or_else(|_| "-".to_string(), |r| r.connector.name().to_string());
-                        let row = deliver_one(&msg, route).await;
+                        let mut row = deliver_one(&msg, route).await;
+                        row.claim_id = claim_id;
                         observe(&stats, &msg, &connector, &row);
+                        // From here on the message is never handed back: its outcome is pending.
+                        if let Some(f) = shared.inflight.lock().unwrap().get_mut(&key) {
+                            f.finished = true;
+                        }
                         let _ = tx.send((row, permit));
                     });
                 }
@@ -333,6 +380,9 @@ pub async fn run(
         }
         stop.cancel();
     }
+    if let Some(claim_id) = claim_running.lock().unwrap().take() {
+        orphans.push((claim_id, Instant::now()));
+    }
 
     // Drain: in-flight deliveries may finish within the grace period.
     let drained = tokio::time::timeout(cfg.grace_period, async {
@@ -348,15 +398,30 @@ pub async fn run(
         deliveries.shutdown().await;
     }
     drop(done_tx);
-    let recorder_finished = tokio::time::timeout(cfg.grace_period + cfg.db_timeout, recorder)
+    // The outcomes of finished deliveries are recorded before anything is handed back. The
+    // recorder retries transient errors while the heartbeat (still running) keeps their leases;
+    // it is given up to a lease period, after which the leases would expire anyway. (Worst case
+    // with the defaults: grace 10 s + lease 30 s + two DB timeouts of 10 s = systemd's
+    // TimeoutStopSec=60.)
+    let recorder_finished = tokio::time::timeout(cfg.lease + cfg.db_timeout, recorder)
         .await
         .is_ok();
-    if !recorder_finished {
+    let (leftover, pending): (Vec<ClaimKey>, usize) = {
+        let inflight = shared.inflight.lock().unwrap();
+        let leftover = inflight
+            .iter()
+            .filter(|(_, f)| !f.finished && !f.lost)
+            .map(|(k, _)| *k)
+            .collect();
+        (leftover, inflight.values().filter(|f| f.finished).count())
+    };
+    if !recorder_finished || pending > 0 {
         tracing::error!(
+            count = pending,
             "could not record every outcome; their leases will expire and be reclaimed"
         );
     }
-    let leftover: Vec<Uuid> = shared.inflight.lock().unwrap().iter().copied().collect();
+    release_orphans(&shared, &mut orphans, cfg.lease).await;
     if !leftover.is_empty() {
         match shared
             .db
@@ -471,6 +536,8 @@ pub fn outcome_row(
 ) -> OutcomeRow {
     let base = OutcomeRow {
         id: msg.id,
+        claim_id: Uuid::nil(),
+        attempt: msg.attempt,
         outcome: "done",
         error_code: None,
         error_text: None,
@@ -548,26 +615,22 @@ async fn record_loop(
         }
         crate::metrics::recorder_batch(batch.len());
         let mut backoff = Duration::from_millis(50);
-        loop {
+        let results = loop {
             match shared.db.record_outcomes(&shared.worker, &batch).await {
-                Ok(_) => break,
-                // A data error (SQLSTATE class 22/23) will not go away by retrying: find the row
-                // that causes it and record that one without its texts.
-                Err(e)
-                    if e.code()
-                        .is_some_and(|c| c.starts_with("22") || c.starts_with("23")) =>
-                {
+                Ok(r) => break r.into_iter().collect::<HashMap<_, _>>(),
+                // A data error will not go away by retrying: find the row that causes it and
+                // record that one without its texts.
+                Err(e) if is_data_error(&e) => {
                     tracing::error!(error = %e, count = batch.len(), "an outcome cannot be stored as is; recording one by one");
-                    record_one_by_one(&shared, &batch).await;
-                    break;
+                    break record_one_by_one(&shared, &batch).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, count = batch.len(), retry_in = ?backoff, "recording outcomes failed");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = next_backoff(backoff);
                 }
             }
-        }
+        };
         if let Some(ms) = batch.iter().filter_map(|r| r.retry_delay_ms).min() {
             let wake = wake.clone();
             tokio::spawn(async move {
@@ -579,12 +642,21 @@ async fn record_loop(
             let mut inflight = shared.inflight.lock().unwrap();
             let mut report = shared.report.lock().unwrap();
             for r in &batch {
-                inflight.remove(&r.id);
+                let key = (r.id, r.claim_id);
+                inflight.remove(&key);
                 stats.set_in_flight(inflight.len());
-                match r.outcome {
-                    "done" => report.delivered += 1,
-                    "retry" => report.retried += 1,
-                    _ => report.failed += 1,
+                match results.get(&key) {
+                    Some(Recorded::Recorded | Recorded::Duplicate) => match r.outcome {
+                        "done" => report.delivered += 1,
+                        "retry" => report.retried += 1,
+                        _ => report.failed += 1,
+                    },
+                    Some(Recorded::Stale) => {
+                        report.stale += 1;
+                        tracing::warn!(message_id = %r.id, claim_id = %r.claim_id, attempt = r.attempt, outcome = r.outcome, code = r.error_code.as_deref().unwrap_or(""), "outcome ignored: the claim had lost its lease (the message was reclaimed)");
+                    }
+                    // Only when even the fallback without texts was refused (logged there).
+                    None => {}
                 }
             }
         }
@@ -593,28 +665,69 @@ async fn record_loop(
     }
 }
 
-/// The slow path of [`record_loop`]: each row alone, and a row that still fails without the texts
-/// that came from the provider (its lease expires and it is retried if even that fails).
-async fn record_one_by_one(shared: &Shared, batch: &[OutcomeRow]) {
+/// SQLSTATE class 22 (data exception) or 23 (integrity constraint violation): the row itself is
+/// the problem, retrying it as is cannot help.
+fn is_data_error(e: &DbError) -> bool {
+    e.code()
+        .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+}
+
+fn next_backoff(d: Duration) -> Duration {
+    (d * 2).min(Duration::from_secs(5))
+}
+
+/// The slow path of [`record_loop`]: each row alone. A transient error is retried with backoff
+/// (an outcome is never dropped for it); a data error is retried once without the texts that came
+/// from the provider. A row refused even so is left to its lease (it expires and the message is
+/// retried) — the only outcome ever given up.
+async fn record_one_by_one(shared: &Shared, batch: &[OutcomeRow]) -> HashMap<ClaimKey, Recorded> {
+    let mut results = HashMap::new();
     for row in batch {
-        let single = std::slice::from_ref(row);
-        if shared
-            .db
-            .record_outcomes(&shared.worker, single)
-            .await
-            .is_ok()
-        {
-            continue;
+        let mut row = row.clone();
+        let mut bare = false;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match shared
+                .db
+                .record_outcomes(&shared.worker, std::slice::from_ref(&row))
+                .await
+            {
+                Ok(r) => {
+                    results.extend(r);
+                    break;
+                }
+                Err(e) if is_data_error(&e) && !bare => {
+                    bare = true;
+                    row = OutcomeRow {
+                        error_text: Some("(the provider's text could not be stored)".into()),
+                        provider_id: None,
+                        reply: None,
+                        ..row
+                    };
+                }
+                Err(e) if is_data_error(&e) => {
+                    tracing::error!(message_id = %row.id, error = %e, "cannot record the outcome; the lease will expire and the message be retried");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(message_id = %row.id, error = %e, retry_in = ?backoff, "recording an outcome failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = next_backoff(backoff);
+                }
+            }
         }
-        let bare = OutcomeRow {
-            error_text: Some("(the provider's text could not be stored)".into()),
-            provider_id: None,
-            reply: None,
-            ..row.clone()
-        };
-        if let Err(e) = shared.db.record_outcomes(&shared.worker, &[bare]).await {
-            tracing::error!(message_id = %row.id, error = %e, "cannot record the outcome; the lease will expire and the message be retried");
-        }
+    }
+    results
+}
+
+/// Whether a failed claim call may have committed on the server anyway (and so left orphaned
+/// messages in `sending`): a client-side timeout or a lost connection. An error the server
+/// reported rolled the claim back; a pool error never sent it.
+fn may_have_committed(e: &DbError) -> bool {
+    match e {
+        DbError::Timeout(..) => true,
+        DbError::Query(q) => q.as_db_error().is_none(),
+        DbError::Pool(_) | DbError::Config(_) => false,
     }
 }
 
@@ -687,7 +800,32 @@ async fn systemd_loop(
     }
 }
 
-/// Extends the leases of in-flight messages every lease/3.
+/// Hands back the messages of failed claim calls (see [`may_have_committed`]); one call each,
+/// kept for the next round when it fails. After a lease period they are the reclaim's business.
+async fn release_orphans(shared: &Shared, orphans: &mut Vec<(Uuid, Instant)>, lease: Duration) {
+    let mut keep = Vec::new();
+    for (claim_id, since) in orphans.drain(..) {
+        match shared.db.release_claim(&shared.worker, claim_id).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::warn!(%claim_id, count = n, "handed back the messages of a claim whose call failed (none was delivered)");
+                }
+                shared.report.lock().unwrap().orphaned += n as u64;
+            }
+            Err(e) if since.elapsed() < lease => {
+                tracing::warn!(%claim_id, error = %e, "handing back a failed claim failed; will try again");
+                keep.push((claim_id, since));
+            }
+            Err(e) => {
+                tracing::error!(%claim_id, error = %e, "could not hand back a failed claim; its messages will be reclaimed when their lease expires");
+            }
+        }
+    }
+    *orphans = keep;
+}
+
+/// Extends the leases of in-flight messages every lease/3. A lease found lost is not extended
+/// again: its outcome will be stale (the claim id fences it in `outbox.record_outcomes`).
 async fn heartbeat(shared: Arc<Shared>, lease: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -697,16 +835,36 @@ async fn heartbeat(shared: Arc<Shared>, lease: Duration, stop: CancellationToken
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let ids: Vec<Uuid> = shared.inflight.lock().unwrap().iter().copied().collect();
-        if ids.is_empty() {
+        let claims: Vec<ClaimKey> = shared
+            .inflight
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, f)| !f.lost)
+            .map(|(k, _)| *k)
+            .collect();
+        if claims.is_empty() {
             continue;
         }
-        match shared.db.extend_leases(&shared.worker, &ids, lease).await {
-            Ok(n) if (n as usize) < ids.len() => tracing::warn!(
-                held = n,
-                expected = ids.len(),
-                "some leases were lost (reclaimed by another daemon?)"
-            ),
+        match shared
+            .db
+            .extend_leases(&shared.worker, &claims, lease)
+            .await
+        {
+            Ok(held) if held.len() < claims.len() => {
+                let held: HashSet<ClaimKey> = held.into_iter().collect();
+                let mut inflight = shared.inflight.lock().unwrap();
+                for key in claims.iter().filter(|k| !held.contains(k)) {
+                    // Gone from inflight: its outcome was recorded meanwhile.
+                    if let Some(f) = inflight.get_mut(key) {
+                        f.lost = true;
+                        // A finished one may just have been recorded; the recorder tells.
+                        if !f.finished {
+                            tracing::warn!(message_id = %key.0, claim_id = %key.1, "lease lost (reclaimed?); the delivery's outcome will be ignored");
+                        }
+                    }
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
         }
