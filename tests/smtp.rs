@@ -830,3 +830,53 @@ async fn an_abandoned_transaction_is_aborted_and_never_completes_later() {
     );
     assert_eq!(server.pending(), 0);
 }
+
+/// A refused recipient or a refused DATA ends that message's transaction, not the session: the
+/// pooled connection is reset (RSET) and reused, so a run of rejected messages does not cost a
+/// reconnect (and TLS handshake and AUTH) each. lettre's own client QUITs on every refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_messages_reset_the_session_and_keep_the_connection() {
+    let server = SmtpServer::start(ServerTls::None, None).await;
+    let db = TestDb::new().await;
+    let conf = smtp_conf(&server, "pool_size = 1").replace("max_attempts = 3", "max_attempts = 1");
+    let mut tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    tc.config.concurrency = 1;
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let refusals = [
+        (SmtpBehaviour::PermFailRcpt, "smtp-5xx", 550),
+        (SmtpBehaviour::TempFailRcpt, "smtp-4xx", 450),
+        (SmtpBehaviour::PermFailData, "smtp-5xx", 554),
+        (SmtpBehaviour::TempFailData, "smtp-4xx", 451),
+    ];
+    for (behaviour, code, status) in refusals {
+        server.set(behaviour);
+        let id = send_mail(&c, PROFILE, "a@example.org", "s", "refused").await;
+        wait_state(&c, id, "failed", WAIT).await;
+        assert_eq!(
+            attempts(&c, id).await,
+            vec![(
+                1,
+                "failed".to_string(),
+                Some(code.to_string()),
+                Some(status)
+            )],
+            "{behaviour:?}"
+        );
+    }
+    server.set(SmtpBehaviour::Accept);
+    for i in 0..2 {
+        let id = send_mail(&c, PROFILE, "a@example.org", "s", &format!("good {i}")).await;
+        wait_state(&c, id, "submitted", WAIT).await;
+    }
+    assert_eq!(server.mails().len(), 2);
+    assert_eq!(
+        server.connections(),
+        1,
+        "one connection for all six messages"
+    );
+    // A refused RCPT leaves the transaction open: RSET closes it. The reply to the terminator
+    // ends it already (RFC 5321 §4.1.1.4).
+    assert_eq!(server.rsets(), 2);
+    daemon.stop().await;
+}
