@@ -359,9 +359,11 @@ async fn auth_plain_and_login_succeed_with_the_right_password() {
     std::fs::write(&pw, "s3cret-пароль\n").unwrap();
     // Two profiles: PLAIN with an inline password, LOGIN with the password from a file.
     let conf = format!(
-        "{}username = \"mailer\"\npassword = \"s3cret-пароль\"\nauth_method = \"PLAIN\"\n\n\
+        "{}username = \"mailer\"\npassword = \"s3cret-пароль\"\nauth_method = \"PLAIN\"\n\
+         allow_plaintext_auth = true\n\n\
          [login]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"login@example.com\"\n\
-         username = \"mailer\"\npassword_file = \"{}\"\nauth_method = \"LOGIN\"\n",
+         username = \"mailer\"\npassword_file = \"{}\"\nauth_method = \"LOGIN\"\n\
+         allow_plaintext_auth = true\n",
         smtp_conf(&server, ""),
         server.port,
         path_str(&pw)
@@ -399,7 +401,7 @@ async fn a_wrong_password_fails_with_the_servers_5xx() {
     std::env::set_var(&env, "wrong");
     let conf = smtp_conf(
         &server,
-        &format!("username = \"mailer\"\npassword_env = \"{env}\""),
+        &format!("username = \"mailer\"\npassword_env = \"{env}\"\nallow_plaintext_auth = true"),
     );
     let tc = TestConfig::new(&db, &[("smtp", &conf)]);
     let daemon = Daemon::start(tc.config.clone());
@@ -879,4 +881,88 @@ async fn refused_messages_reset_the_session_and_keep_the_connection() {
     // ends it already (RFC 5321 §4.1.1.4).
     assert_eq!(server.rsets(), 2);
     daemon.stop().await;
+}
+
+/// A server (or someone in between) that hides STARTTLS from its EHLO reply while offering AUTH
+/// gets no credentials: `starttls`, `opportunistic` and a preset of a provider that requires TLS
+/// all fail with `smtp-tls` before AUTH (RFC 3207 §6 downgrade; RFC 8314 §4.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_hiding_starttls_never_gets_the_password() {
+    // Plain text only, AUTH offered anyway: what a STARTTLS-stripping attacker shows.
+    let server = SmtpServer::start(ServerTls::None, Some(("mailer", "pw"))).await;
+    let db = TestDb::new().await;
+    let profile = |name: &str, tls: &str| {
+        format!(
+            "[\"{name}\"]\nhost = \"127.0.0.1\"\nport = {}\n{tls}\nusername = \"mailer\"\n\
+             password = \"pw\"\nmax_attempts = 1\ntimeout = \"5s\"\n",
+            server.port
+        )
+    };
+    let conf = [
+        profile("required@example.com", "tls = \"starttls\""),
+        profile("opportunistic@example.com", "tls = \"opportunistic\""),
+        // Outlook365's table entry says `secure: false` (nodemailer: STARTTLS when offered).
+        profile("preset@example.com", "service = \"Outlook365\""),
+    ]
+    .join("\n");
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    for p in [
+        "required@example.com",
+        "opportunistic@example.com",
+        "preset@example.com",
+    ] {
+        let id = send_mail(&c, p, "a@example.org", "s", "secret mail").await;
+        wait_state(&c, id, "failed", WAIT).await;
+        assert_eq!(
+            last_error_code(&c, id).await.as_deref(),
+            Some("smtp-tls"),
+            "{p}"
+        );
+    }
+    assert!(
+        server.auths().is_empty(),
+        "AUTH in clear text: {:?}",
+        server.auths()
+    );
+    assert!(server.mails().is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_refuses_plaintext_auth_unless_tls_none_allows_it() {
+    let db = TestDb::new().await;
+    let creds = "host = \"127.0.0.1\"\nport = 2525\nusername = \"u\"\npassword = \"p\"\n";
+    let conf = format!(
+        "[\"{PROFILE}\"]\n{creds}tls = \"none\"\n\n\
+         [\"allowed@example.com\"]\n{creds}tls = \"none\"\nallow_plaintext_auth = true\n\n\
+         [\"misplaced@example.com\"]\n{creds}tls = \"starttls\"\nallow_plaintext_auth = true\n"
+    );
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    let Err(errors) = outboxd::dispatch::build_router(&tc.config) else {
+        panic!("the configuration must be refused");
+    };
+    let file = path_str(&tc.path("smtp.conf"));
+    let mut found: Vec<_> = errors
+        .iter()
+        .map(|e| (e.file.clone(), e.key.clone().unwrap_or_default()))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            (
+                file.clone(),
+                "misplaced@example.com.allow_plaintext_auth".to_string()
+            ),
+            (file, format!("{PROFILE}.tls")),
+        ],
+        "{errors:?}"
+    );
+    let report = outboxd::ops::check_config(&tc.config).await;
+    assert!(!report.ok());
+    let shown = report.to_string();
+    assert!(shown.contains(&format!("{PROFILE}.tls")), "{shown}");
+    assert!(shown.contains("smtp.conf"), "{shown}");
 }

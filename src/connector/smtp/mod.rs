@@ -100,7 +100,7 @@ impl SmtpConnector {
                 None => DEFAULT_MECHANISMS.to_vec(),
             },
             timeout: r.timeout,
-            plaintext_auth: true, // TLS policy: next commit
+            plaintext_auth: r.allow_plaintext_auth,
             pool_size: r.pool_size,
             idle_timeout: r.pool_idle_timeout,
         };
