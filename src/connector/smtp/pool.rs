@@ -67,7 +67,7 @@ pub enum SendError {
     Tls(&'static str),
     /// The message needs a capability the server lacks (SMTPUTF8, 8BITMIME); nothing was sent.
     Client(&'static str),
-    /// A network step took longer than `timeout`.
+    /// The delivery's deadline passed (connection set-up or transaction).
     Timeout(&'static str),
 }
 
@@ -145,12 +145,13 @@ impl Pool {
                 // RSET aborts the open transaction and clears its buffers (RFC 5321 §4.1.1.5);
                 // after the reply to the terminator there is none (§4.1.1.4). Within the same
                 // deadline: the refusal is the outcome whether or not the reset succeeds.
-                let reset = !open
-                    || matches!(
-                        tokio::time::timeout_at(deadline, conn.command(Rset)).await,
-                        Ok(Ok(_))
-                    );
-                if !closing && reset {
+                let keep = !closing
+                    && (!open
+                        || matches!(
+                            tokio::time::timeout_at(deadline, conn.command(Rset)).await,
+                            Ok(Ok(_))
+                        ));
+                if keep {
                     self.park(conn);
                 }
                 Err(SendError::Smtp(error))
