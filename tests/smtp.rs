@@ -469,11 +469,15 @@ async fn starttls_without_trust_in_the_certificate_is_a_tls_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn implicit_tls_delivers() {
-    let server = SmtpServer::start(ServerTls::Implicit, None).await;
+    let server = SmtpServer::start(ServerTls::Implicit, Some(("mailer", "pw"))).await;
     let db = TestDb::new().await;
-    // accept_invalid_certs is the testing-only escape hatch; ca_file is covered above.
-    let conf = smtp_conf(&server, "accept_invalid_certs = true")
-        .replace("tls = \"none\"", "tls = \"tls\"");
+    // accept_invalid_certs is the testing-only escape hatch; ca_file is covered above. AUTH goes
+    // over the implicit TLS (which lettre does not see as encrypted: the pool tracks it).
+    let conf = smtp_conf(
+        &server,
+        "accept_invalid_certs = true\nusername = \"mailer\"\npassword = \"pw\"",
+    )
+    .replace("tls = \"none\"", "tls = \"tls\"");
     let tc = TestConfig::new(&db, &[("smtp", &conf)]);
     let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
@@ -482,6 +486,7 @@ async fn implicit_tls_delivers() {
     let mails = server.mails();
     assert_eq!(mails.len(), 1);
     assert!(mails[0].tls);
+    assert_eq!(mails[0].auth_user.as_deref(), Some("mailer"));
     daemon.stop().await;
 }
 
