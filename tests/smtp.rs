@@ -359,9 +359,11 @@ async fn auth_plain_and_login_succeed_with_the_right_password() {
     std::fs::write(&pw, "s3cret-пароль\n").unwrap();
     // Two profiles: PLAIN with an inline password, LOGIN with the password from a file.
     let conf = format!(
-        "{}username = \"mailer\"\npassword = \"s3cret-пароль\"\nauth_method = \"PLAIN\"\n\n\
+        "{}username = \"mailer\"\npassword = \"s3cret-пароль\"\nauth_method = \"PLAIN\"\n\
+         allow_plaintext_auth = true\n\n\
          [login]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"login@example.com\"\n\
-         username = \"mailer\"\npassword_file = \"{}\"\nauth_method = \"LOGIN\"\n",
+         username = \"mailer\"\npassword_file = \"{}\"\nauth_method = \"LOGIN\"\n\
+         allow_plaintext_auth = true\n",
         smtp_conf(&server, ""),
         server.port,
         path_str(&pw)
@@ -399,7 +401,7 @@ async fn a_wrong_password_fails_with_the_servers_5xx() {
     std::env::set_var(&env, "wrong");
     let conf = smtp_conf(
         &server,
-        &format!("username = \"mailer\"\npassword_env = \"{env}\""),
+        &format!("username = \"mailer\"\npassword_env = \"{env}\"\nallow_plaintext_auth = true"),
     );
     let tc = TestConfig::new(&db, &[("smtp", &conf)]);
     let daemon = Daemon::start(tc.config.clone());
@@ -467,11 +469,15 @@ async fn starttls_without_trust_in_the_certificate_is_a_tls_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn implicit_tls_delivers() {
-    let server = SmtpServer::start(ServerTls::Implicit, None).await;
+    let server = SmtpServer::start(ServerTls::Implicit, Some(("mailer", "pw"))).await;
     let db = TestDb::new().await;
-    // accept_invalid_certs is the testing-only escape hatch; ca_file is covered above.
-    let conf = smtp_conf(&server, "accept_invalid_certs = true")
-        .replace("tls = \"none\"", "tls = \"tls\"");
+    // accept_invalid_certs is the testing-only escape hatch; ca_file is covered above. AUTH goes
+    // over the implicit TLS (which lettre does not see as encrypted: the pool tracks it).
+    let conf = smtp_conf(
+        &server,
+        "accept_invalid_certs = true\nusername = \"mailer\"\npassword = \"pw\"",
+    )
+    .replace("tls = \"none\"", "tls = \"tls\"");
     let tc = TestConfig::new(&db, &[("smtp", &conf)]);
     let daemon = Daemon::start(tc.config.clone());
     let c = db.client().await;
@@ -480,6 +486,7 @@ async fn implicit_tls_delivers() {
     let mails = server.mails();
     assert_eq!(mails.len(), 1);
     assert!(mails[0].tls);
+    assert_eq!(mails[0].auth_user.as_deref(), Some("mailer"));
     daemon.stop().await;
 }
 
@@ -678,4 +685,289 @@ async fn a_server_that_stops_answering_is_a_timeout_and_a_closed_port_a_connect_
     );
     assert!(server.mails().is_empty());
     daemon.stop().await;
+}
+
+/// Waits until every message is `submitted` or `failed`; returns how many are `submitted`.
+async fn wait_all_final(c: &tokio_postgres::Client, ids: &[Uuid], timeout: Duration) -> usize {
+    wait_for(
+        timeout,
+        "every message to be submitted or failed",
+        || async {
+            let mut submitted = 0;
+            for id in ids {
+                match state_of(c, *id).await.as_str() {
+                    "submitted" => submitted += 1,
+                    "failed" => {}
+                    _ => return None,
+                }
+            }
+            Some(submitted)
+        },
+    )
+    .await
+}
+
+/// Issue 8, reproduced: a server that takes 1.5 s to answer the DATA terminator, one pooled
+/// connection, a 2 s timeout and 10 messages. The timeout must bound the provider call, not the
+/// wait for the pooled connection, and a transaction the daemon gave up on must not complete
+/// behind its back: before the fix the server got 11 transactions for 7 distinct Message-IDs
+/// and 7 accepted mails ended `failed` with `timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_behind_a_small_pool_gets_each_message_once_and_none_is_failed() {
+    let server = SmtpServer::start(ServerTls::None, None).await;
+    server.set_data_delay(Duration::from_millis(1500));
+    let db = TestDb::new().await;
+    let conf = format!(
+        "[\"{PROFILE}\"]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         pool_size = 1\ntimeout = \"2s\"\nretry = [\"1s\"]\nmax_attempts = 5\n",
+        server.port
+    );
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(send_mail(&c, PROFILE, "a@example.org", "s", &format!("message {i}")).await);
+    }
+    // 10 transactions of 1.5 s one after another, plus slack.
+    let submitted = wait_all_final(&c, &ids, Duration::from_secs(90)).await;
+    // And until no transaction is left half-way on the server (one the daemon abandoned).
+    wait_for(WAIT, "no transaction pending on the server", || async {
+        (server.pending() == 0).then_some(())
+    })
+    .await;
+    let mut distinct = server.message_ids();
+    distinct.sort();
+    distinct.dedup();
+    let timeouts: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.attempts WHERE error_code = 'timeout'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "slow-smtp scenario: terminators={} accepted={} distinct_message_ids={} aborted={} \
+         submitted={submitted} failed={} timeout_attempts={timeouts}",
+        server.terminators(),
+        server.mails().len(),
+        distinct.len(),
+        server.aborted(),
+        ids.len() - submitted,
+    );
+    assert_eq!(
+        server.terminators(),
+        10,
+        "exactly one transaction per message"
+    );
+    assert_eq!(server.mails().len(), 10);
+    assert_eq!(distinct.len(), 10);
+    assert_eq!(submitted, 10, "every accepted mail is submitted");
+    assert_eq!(timeouts, 0);
+    for id in &ids {
+        assert_eq!(
+            attempts(&c, *id).await,
+            vec![(1, "done".to_string(), None, Some(250))]
+        );
+    }
+    daemon.stop().await;
+}
+
+/// A transaction the daemon gives up on is aborted, never completed behind its back: the server
+/// sees the connection close before it answers the DATA terminator (and so, per RFC 5321
+/// §4.1.1.10, cancels it). Both ways to give up: the profile's timeout, and a shutdown whose
+/// grace period ends mid-transaction (which, before issue 8, left the transaction running in a
+/// detached task that delivered the mail after the message had been handed back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_transaction_is_aborted_and_never_completes_later() {
+    let server = SmtpServer::start(ServerTls::None, None).await;
+    let db = TestDb::new().await;
+    let c = db.client().await;
+
+    // The timeout: the server needs 3 s for the terminator, the profile allows 500 ms.
+    server.set_data_delay(Duration::from_secs(3));
+    let conf = smtp_conf(&server, "")
+        .replace("max_attempts = 3", "max_attempts = 1")
+        .replace("timeout = \"5s\"", "timeout = \"500ms\"");
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let id = send_mail(&c, PROFILE, "a@example.org", "s", "too slow").await;
+    wait_state(&c, id, "failed", WAIT).await;
+    assert_eq!(last_error_code(&c, id).await.as_deref(), Some("timeout"));
+    wait_for(WAIT, "the server to settle the transaction", || async {
+        (server.aborted() + server.mails().len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(server.aborted(), 1, "closed before the terminator's reply");
+    assert!(
+        server.mails().is_empty(),
+        "the server must not have accepted it"
+    );
+    // The abandoned connection was not parked: the next message opens a new one.
+    server.set_data_delay(Duration::ZERO);
+    let next = send_mail(&c, PROFILE, "a@example.org", "s", "fast").await;
+    wait_state(&c, next, "submitted", WAIT).await;
+    assert_eq!(server.connections(), 2);
+    assert_eq!(server.mails()[0].connection, 2);
+    daemon.stop().await;
+
+    // The shutdown: stopped mid-transaction with a short grace period.
+    server.set_data_delay(Duration::from_secs(2));
+    let mut tc = TestConfig::new(&db, &[("smtp", &smtp_conf(&server, ""))]);
+    tc.config.grace_period = Duration::from_millis(200);
+    let daemon = Daemon::start(tc.config.clone());
+    let id = send_mail(&c, PROFILE, "a@example.org", "s", "interrupted").await;
+    wait_for(WAIT, "the terminator to reach the server", || async {
+        (server.terminators() == 3).then_some(())
+    })
+    .await;
+    let report = daemon.stop().await;
+    assert_eq!(report.released, 1, "handed back, not finished");
+    assert_eq!(state_of(&c, id).await, "prepared");
+    wait_for(WAIT, "the server to settle the transaction", || async {
+        (server.aborted() + server.mails().len() == 3).then_some(())
+    })
+    .await;
+    assert_eq!(server.aborted(), 2, "closed before the terminator's reply");
+    assert_eq!(
+        server.mails().len(),
+        1,
+        "only the fast message was accepted"
+    );
+    assert_eq!(server.pending(), 0);
+}
+
+/// A refused recipient or a refused DATA ends that message's transaction, not the session: the
+/// pooled connection is reset (RSET) and reused, so a run of rejected messages does not cost a
+/// reconnect (and TLS handshake and AUTH) each. lettre's own client QUITs on every refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_messages_reset_the_session_and_keep_the_connection() {
+    let server = SmtpServer::start(ServerTls::None, None).await;
+    let db = TestDb::new().await;
+    let conf = smtp_conf(&server, "pool_size = 1").replace("max_attempts = 3", "max_attempts = 1");
+    let mut tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    tc.config.concurrency = 1;
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let refusals = [
+        (SmtpBehaviour::PermFailRcpt, "smtp-5xx", 550),
+        (SmtpBehaviour::TempFailRcpt, "smtp-4xx", 450),
+        (SmtpBehaviour::PermFailData, "smtp-5xx", 554),
+        (SmtpBehaviour::TempFailData, "smtp-4xx", 451),
+    ];
+    for (behaviour, code, status) in refusals {
+        server.set(behaviour);
+        let id = send_mail(&c, PROFILE, "a@example.org", "s", "refused").await;
+        wait_state(&c, id, "failed", WAIT).await;
+        assert_eq!(
+            attempts(&c, id).await,
+            vec![(
+                1,
+                "failed".to_string(),
+                Some(code.to_string()),
+                Some(status)
+            )],
+            "{behaviour:?}"
+        );
+    }
+    server.set(SmtpBehaviour::Accept);
+    for i in 0..2 {
+        let id = send_mail(&c, PROFILE, "a@example.org", "s", &format!("good {i}")).await;
+        wait_state(&c, id, "submitted", WAIT).await;
+    }
+    assert_eq!(server.mails().len(), 2);
+    assert_eq!(
+        server.connections(),
+        1,
+        "one connection for all six messages"
+    );
+    // A refused RCPT leaves the transaction open: RSET closes it. The reply to the terminator
+    // ends it already (RFC 5321 §4.1.1.4).
+    assert_eq!(server.rsets(), 2);
+    daemon.stop().await;
+}
+
+/// A server (or someone in between) that hides STARTTLS from its EHLO reply while offering AUTH
+/// gets no credentials: `starttls`, `opportunistic` and a preset of a provider that requires TLS
+/// all fail with `smtp-tls` before AUTH (RFC 3207 §6 downgrade; RFC 8314 §4.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_hiding_starttls_never_gets_the_password() {
+    // Plain text only, AUTH offered anyway: what a STARTTLS-stripping attacker shows.
+    let server = SmtpServer::start(ServerTls::None, Some(("mailer", "pw"))).await;
+    let db = TestDb::new().await;
+    let profile = |name: &str, tls: &str| {
+        format!(
+            "[\"{name}\"]\nhost = \"127.0.0.1\"\nport = {}\n{tls}\nusername = \"mailer\"\n\
+             password = \"pw\"\nmax_attempts = 1\ntimeout = \"5s\"\n",
+            server.port
+        )
+    };
+    let conf = [
+        profile("required@example.com", "tls = \"starttls\""),
+        profile("opportunistic@example.com", "tls = \"opportunistic\""),
+        // Outlook365's table entry says `secure: false` (nodemailer: STARTTLS when offered).
+        profile("preset@example.com", "service = \"Outlook365\""),
+    ]
+    .join("\n");
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    for p in [
+        "required@example.com",
+        "opportunistic@example.com",
+        "preset@example.com",
+    ] {
+        let id = send_mail(&c, p, "a@example.org", "s", "secret mail").await;
+        wait_state(&c, id, "failed", WAIT).await;
+        assert_eq!(
+            last_error_code(&c, id).await.as_deref(),
+            Some("smtp-tls"),
+            "{p}"
+        );
+    }
+    assert!(
+        server.auths().is_empty(),
+        "AUTH in clear text: {:?}",
+        server.auths()
+    );
+    assert!(server.mails().is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_refuses_plaintext_auth_unless_tls_none_allows_it() {
+    let db = TestDb::new().await;
+    let creds = "host = \"127.0.0.1\"\nport = 2525\nusername = \"u\"\npassword = \"p\"\n";
+    let conf = format!(
+        "[\"{PROFILE}\"]\n{creds}tls = \"none\"\n\n\
+         [\"allowed@example.com\"]\n{creds}tls = \"none\"\nallow_plaintext_auth = true\n\n\
+         [\"misplaced@example.com\"]\n{creds}tls = \"starttls\"\nallow_plaintext_auth = true\n"
+    );
+    let tc = TestConfig::new(&db, &[("smtp", &conf)]);
+    let Err(errors) = outboxd::dispatch::build_router(&tc.config) else {
+        panic!("the configuration must be refused");
+    };
+    let file = path_str(&tc.path("smtp.conf"));
+    let mut found: Vec<_> = errors
+        .iter()
+        .map(|e| (e.file.clone(), e.key.clone().unwrap_or_default()))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            (
+                file.clone(),
+                "misplaced@example.com.allow_plaintext_auth".to_string()
+            ),
+            (file, format!("{PROFILE}.tls")),
+        ],
+        "{errors:?}"
+    );
+    let report = outboxd::ops::check_config(&tc.config).await;
+    assert!(!report.ok());
+    let shown = report.to_string();
+    assert!(shown.contains(&format!("{PROFILE}.tls")), "{shown}");
+    assert!(shown.contains("smtp.conf"), "{shown}");
 }

@@ -165,12 +165,39 @@ pub fn http_client_builder(timeout: Duration) -> reqwest::ClientBuilder {
         .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
 }
 
+/// The error of a delivery whose provider call did not answer within the profile's `timeout`.
+pub fn timed_out(timeout: Duration) -> DeliveryError {
+    DeliveryError::retry("timeout", format!("no answer within {timeout:?}"))
+}
+
 /// A delivery channel for one profile.
 #[async_trait]
 pub trait Connector: Send + Sync {
     /// `<kind>/<profile>`, for logs.
     fn name(&self) -> &str;
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError>;
+    /// What the dispatcher calls: [`deliver`](Connector::deliver) with its provider call bounded
+    /// by `timeout` (the profile's), failing with [`timed_out`] after it.
+    ///
+    /// A connector that keeps per-profile capacity (the smtp connector's `pool_size` connection
+    /// slots) overrides this to wait for a slot *first*, unbounded, and start the clock only
+    /// once it holds one: queueing behind other deliveries of the profile is not the provider
+    /// being slow, and must not turn a message the provider would accept into a `timeout`
+    /// (issue 8). That wait is bounded by the others' timeouts, and the lease heartbeat covers it.
+    ///
+    /// Dropping the returned future (the timeout, a shutdown past the grace period) aborts the
+    /// provider call: nothing it started may complete later behind the daemon's back, and a
+    /// connection left mid-exchange is closed, never reused. The default gets that from `deliver`
+    /// running inside this future (reqwest drops a connection whose request is cancelled).
+    async fn deliver_within(
+        &self,
+        msg: &OutboxMessage,
+        timeout: Duration,
+    ) -> Result<Receipt, DeliveryError> {
+        tokio::time::timeout(timeout, self.deliver(msg))
+            .await
+            .unwrap_or_else(|_| Err(timed_out(timeout)))
+    }
     /// Cheap self-check run by `check-config` (must not send anything).
     async fn healthcheck(&self) -> Result<(), DeliveryError> {
         Ok(())

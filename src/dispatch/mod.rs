@@ -479,12 +479,15 @@ async fn deliver_one(
         }
         Ok(route) => {
             span.record("connector", route.connector.name());
-            let fut = std::panic::AssertUnwindSafe(route.connector.deliver(msg))
+            // The connector bounds its provider call by the timeout, after any wait for
+            // per-profile capacity (Connector::deliver_within).
+            let timeout = route.common.timeout;
+            let fut = std::panic::AssertUnwindSafe(route.connector.deliver_within(msg, timeout))
                 .catch_unwind()
                 .instrument(span);
-            let r = match tokio::time::timeout(route.common.timeout, fut).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(panic)) => {
+            let r = match fut.await {
+                Ok(r) => r,
+                Err(panic) => {
                     let what = panic
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
@@ -495,10 +498,6 @@ async fn deliver_one(
                         format!("the connector panicked: {what}"),
                     ))
                 }
-                Err(_) => Err(DeliveryError::retry(
-                    "timeout",
-                    format!("no answer within {:?}", route.common.timeout),
-                )),
             };
             (r, Some(route.common))
         }

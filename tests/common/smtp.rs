@@ -1,16 +1,21 @@
 //! An in-process SMTP server on 127.0.0.1:0 for the smtp connector's tests: EHLO/HELO, AUTH PLAIN
 //! and LOGIN against one user, STARTTLS or implicit TLS with a self-signed certificate made at
 //! test time (rcgen + tokio-rustls), MAIL/RCPT/DATA with dot-unstuffing, RSET/NOOP/QUIT.
-//! Behaviour is switchable while it runs (accept, 4xx/5xx on RCPT or DATA); it records every
-//! message (envelope + raw bytes) and counts TCP connections.
+//! Behaviour is switchable while it runs (accept, 4xx/5xx on RCPT or DATA, a delay before the
+//! reply to the DATA terminator); it records every message (envelope + raw bytes), counts TCP
+//! connections, DATA terminators received, RSETs, and transactions aborted because the client
+//! closed the connection before the reply to the terminator.
 //!
 //! It checks what a real server checks: AUTH is offered only when configured (and, with
 //! STARTTLS, only after the upgrade), MAIL before AUTH is refused when AUTH is required, DATA
-//! needs a recipient, a line starting with "." is unstuffed (RFC 5321 §4.5.2).
+//! needs a recipient, a line starting with "." is unstuffed (RFC 5321 §4.5.2), and a connection
+//! closed before the reply to the terminator cancels the transaction (RFC 5321 §4.1.1.10: the server
+//! "MUST cancel any pending transaction"), so such a mail is not accepted.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -58,8 +63,17 @@ pub struct Mail {
 
 struct State {
     behaviour: Mutex<SmtpBehaviour>,
+    /// How long the server takes to answer the DATA terminator.
+    data_delay: Mutex<Duration>,
     mails: Mutex<Vec<Mail>>,
     connections: AtomicUsize,
+    /// DATA terminators received (transactions the client completed on its side).
+    terminators: AtomicUsize,
+    /// Transactions cancelled because the connection closed before the terminator's reply.
+    aborted: AtomicUsize,
+    rsets: AtomicUsize,
+    /// Terminators received and not yet answered (or abandoned).
+    pending: AtomicUsize,
     /// (mechanism, user, accepted) of every AUTH attempt.
     auths: Mutex<Vec<(String, String, bool)>>,
     credentials: Option<(String, String)>,
@@ -94,8 +108,13 @@ impl SmtpServer {
         .unwrap();
         let state = Arc::new(State {
             behaviour: Mutex::new(SmtpBehaviour::Accept),
+            data_delay: Mutex::new(Duration::ZERO),
             mails: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
+            terminators: AtomicUsize::new(0),
+            aborted: AtomicUsize::new(0),
+            rsets: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
             auths: Mutex::new(Vec::new()),
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
             tls,
@@ -138,6 +157,47 @@ impl SmtpServer {
 
     pub fn set(&self, b: SmtpBehaviour) {
         *self.state.behaviour.lock().unwrap() = b;
+    }
+
+    /// Every later reply to a DATA terminator comes after `d` (the client may hang up meanwhile).
+    pub fn set_data_delay(&self, d: Duration) {
+        *self.state.data_delay.lock().unwrap() = d;
+    }
+
+    /// DATA terminators received so far.
+    pub fn terminators(&self) -> usize {
+        self.state.terminators.load(Ordering::SeqCst)
+    }
+
+    /// Transactions the client abandoned by closing the connection before the terminator's reply.
+    pub fn aborted(&self) -> usize {
+        self.state.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Transactions whose terminator arrived and whose reply is not sent yet.
+    pub fn pending(&self) -> usize {
+        self.state.pending.load(Ordering::SeqCst)
+    }
+
+    pub fn rsets(&self) -> usize {
+        self.state.rsets.load(Ordering::SeqCst)
+    }
+
+    /// The Message-ID header of every accepted mail, in order.
+    pub fn message_ids(&self) -> Vec<String> {
+        self.mails()
+            .iter()
+            .map(|m| {
+                String::from_utf8_lossy(&m.data)
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("message-id")
+                            .then(|| value.trim().to_string())
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     pub fn mails(&self) -> Vec<Mail> {
@@ -308,9 +368,30 @@ where
                         };
                         data.extend_from_slice(l);
                     }
+                    st.terminators.fetch_add(1, Ordering::SeqCst);
+                    st.pending.fetch_add(1, Ordering::SeqCst);
+                    let _answered = Decrement(&st.pending);
+                    let delay = *st.data_delay.lock().unwrap();
                     let behaviour = *st.behaviour.lock().unwrap();
-                    if behaviour == SmtpBehaviour::HangData {
-                        std::future::pending::<()>().await;
+                    let wait = async {
+                        if behaviour == SmtpBehaviour::HangData {
+                            std::future::pending::<()>().await;
+                        }
+                        tokio::time::sleep(delay).await;
+                    };
+                    // While it "processes" the mail, the server notices a client that hangs up:
+                    // the transaction is then cancelled, not delivered (RFC 5321 §4.1.1.10).
+                    tokio::pin!(wait);
+                    tokio::select! {
+                        _ = &mut wait => {}
+                        peek = io.fill_buf() => {
+                            if peek.map_or(true, |b| b.is_empty()) {
+                                st.aborted.fetch_add(1, Ordering::SeqCst);
+                                return Ok(None);
+                            }
+                            // The client sent more (not ours to read yet): keep waiting.
+                            wait.await;
+                        }
                     }
                     let r = match behaviour {
                         SmtpBehaviour::TempFailData => "451 4.3.0 Try again later\r\n".into(),
@@ -334,6 +415,7 @@ where
                 }
             }
             "RSET" => {
+                st.rsets.fetch_add(1, Ordering::SeqCst);
                 from = None;
                 rcpt.clear();
                 "250 2.0.0 Ok\r\n".into()
@@ -348,6 +430,15 @@ where
         };
         io.write_all(reply.as_bytes()).await?;
         io.flush().await?;
+    }
+}
+
+/// Decrements a counter when dropped (however the transaction ends).
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

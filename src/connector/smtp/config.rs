@@ -33,7 +33,8 @@ pub struct SmtpConfig {
     /// `none`, `opportunistic` (STARTTLS when offered), `starttls` (required) or `tls` (implicit
     /// TLS, SMTPS). Default: the preset's, else `tls` on port 465 and `starttls` on any other.
     pub tls: Option<TlsMode>,
-    /// SASL user name; with a password, the connection authenticates.
+    /// SASL user name; with a password, the connection authenticates, over TLS only (see
+    /// `allow_plaintext_auth`).
     pub username: Option<String>,
     /// Password, inline…
     pub password: Option<Secret>,
@@ -51,18 +52,23 @@ pub struct SmtpConfig {
     pub from_name: Option<String>,
     /// Name sent with EHLO. Default: this machine's host name.
     pub hello_name: Option<String>,
-    /// Connections kept open and reused across messages. Default 4.
+    /// Connections kept open and reused across messages, one transaction each; deliveries
+    /// beyond it wait for a free one, outside `timeout`. Default 4.
     pub pool_size: Option<u32>,
     /// Pooled connections idle for longer are closed. Default 60s.
     pub pool_idle_timeout: Option<Dur>,
-    /// Bound of each network operation (connect, each command); also the common per-delivery
-    /// timeout. Default 30s.
+    /// The common per-delivery timeout, counted from the moment the delivery holds a pool slot:
+    /// it bounds connecting (TLS, AUTH) and the transaction together. Default 30s.
     pub timeout: Option<Dur>,
     /// PEM file with extra CA certificates to trust (a private CA, a self-signed server).
     pub ca_file: Option<PathBuf>,
     /// Accept any server certificate. FOR TESTING ONLY: it disables TLS server authentication.
     #[serde(default)]
     pub accept_invalid_certs: bool,
+    /// Send the credentials over an unencrypted connection. Only with `tls = "none"` (a trusted
+    /// local relay); required there when credentials are set. Default false.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
 }
 
 /// How the connection is secured.
@@ -71,7 +77,9 @@ pub struct SmtpConfig {
 pub enum TlsMode {
     /// Plain text only (local relays, test servers).
     None,
-    /// STARTTLS when the server offers it, plain text otherwise (nodemailer's default).
+    /// STARTTLS when the server offers it, plain text otherwise (nodemailer's default) — but
+    /// never AUTH in plain text: with credentials and no STARTTLS offered, delivery fails with
+    /// `smtp-tls`, as with `Starttls`.
     Opportunistic,
     /// STARTTLS, and fail when the server does not offer it.
     Starttls,
@@ -128,6 +136,7 @@ pub struct Resolved {
     pub timeout: Duration,
     pub ca_pem: Option<Vec<u8>>,
     pub accept_invalid_certs: bool,
+    pub allow_plaintext_auth: bool,
 }
 
 impl SmtpConfig {
@@ -138,6 +147,10 @@ impl SmtpConfig {
             ConfigError::new("smtp.conf", Some(format!("{profile}.{key}")), msg)
         };
         let preset = self.service.as_ref().map(|s| s.service);
+        // Presets never resolve to opportunistic STARTTLS: every provider in the table takes
+        // credentials, and a provider's submission port that loses its STARTTLS (a downgrade,
+        // RFC 3207 §6) must fail, not fall back to plain text. nodemailer is more lenient
+        // (`secure: false` = STARTTLS when offered); only an explicit `tls` key gets that here.
         let preset_tls = preset.map(|p| {
             if p.ignore_tls {
                 TlsMode::None
@@ -145,12 +158,12 @@ impl SmtpConfig {
                 // Disroot says `secure: true` on 587, the STARTTLS submission port (RFC 8314
                 // §3.3): implicit TLS there cannot work, so read it as "TLS required".
                 TlsMode::Starttls
-            } else if p.secure {
+            } else if p.secure || p.port == Some(465) {
+                // 465 is the implicit-TLS submission port (RFC 8314 §3.3) even where the table
+                // omits `secure` (Bluewin, Loopia).
                 TlsMode::Tls
-            } else if p.require_tls {
-                TlsMode::Starttls
             } else {
-                TlsMode::Opportunistic
+                TlsMode::Starttls
             }
         });
         let legacy_tls = self.secure_connection.map(|s| {
@@ -241,6 +254,28 @@ impl SmtpConfig {
             ),
             None => None,
         };
+        // RFC 8314 §4.1 / RFC 4954 §4: no password over an unencrypted connection unless the
+        // profile says so twice (no TLS at all, and plain-text AUTH allowed).
+        match (tls, credentials.is_some(), self.allow_plaintext_auth) {
+            (TlsMode::None, true, false) => {
+                return Err(err(
+                    "tls",
+                    "tls = \"none\" with a username and password would send the password in \
+                     clear text: use \"starttls\" or \"tls\", or, for a trusted local relay only, \
+                     set allow_plaintext_auth = true"
+                        .into(),
+                ))
+            }
+            (TlsMode::None, _, _) | (_, _, false) => {}
+            (_, _, true) => {
+                return Err(err(
+                    "allow_plaintext_auth",
+                    "applies only with tls = \"none\": every other mode authenticates over TLS \
+                     only"
+                        .into(),
+                ))
+            }
+        }
         let pool_size = self.pool_size.unwrap_or(4);
         if pool_size == 0 {
             return Err(err("pool_size", "must be at least 1".into()));
@@ -260,6 +295,7 @@ impl SmtpConfig {
             timeout: self.timeout.map_or(Duration::from_secs(30), |d| d.0),
             ca_pem,
             accept_invalid_certs: self.accept_invalid_certs,
+            allow_plaintext_auth: self.allow_plaintext_auth,
         })
     }
 }
@@ -308,7 +344,7 @@ mod tests {
         let r = parse("service = \"hot.ee\"").resolve("n@x.org").unwrap();
         assert_eq!(
             (r.host.as_str(), r.port, r.tls),
-            ("mail.hot.ee", 587, TlsMode::Opportunistic)
+            ("mail.hot.ee", 587, TlsMode::Starttls)
         );
         let r = parse("service = \"Disroot\"").resolve("n@x.org").unwrap();
         assert_eq!((r.port, r.tls), (587, TlsMode::Starttls));
@@ -316,7 +352,49 @@ mod tests {
         let r = parse("service = \"Outlook365\"")
             .resolve("n@x.org")
             .unwrap();
-        assert_eq!((r.port, r.tls), (587, TlsMode::Opportunistic));
+        assert_eq!((r.port, r.tls), (587, TlsMode::Starttls));
+        let r = parse("service = \"Bluewin\"").resolve("n@x.org").unwrap();
+        assert_eq!((r.port, r.tls), (465, TlsMode::Tls));
+    }
+
+    #[test]
+    fn no_preset_is_opportunistic() {
+        for name in services::names() {
+            let r = parse(&format!("service = \"{name}\"\nfrom = \"a@b.c\""))
+                .resolve("p")
+                .unwrap();
+            assert_ne!(r.tls, TlsMode::Opportunistic, "{name}");
+        }
+    }
+
+    #[test]
+    fn plaintext_auth_needs_tls_none_and_the_explicit_key() {
+        let creds = "host = \"h\"\nusername = \"u\"\npassword = \"p\"\n";
+        let e = parse(&format!("{creds}tls = \"none\""))
+            .resolve("a@b.c")
+            .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("a@b.c.tls"));
+        assert!(e.message.contains("allow_plaintext_auth"), "{e}");
+        assert!(
+            !e.message.contains("\"p\""),
+            "no secret in the message: {e}"
+        );
+        let r = parse(&format!(
+            "{creds}tls = \"none\"\nallow_plaintext_auth = true"
+        ))
+        .resolve("a@b.c")
+        .unwrap();
+        assert!(r.allow_plaintext_auth);
+        let e = parse(&format!(
+            "{creds}tls = \"opportunistic\"\nallow_plaintext_auth = true"
+        ))
+        .resolve("a@b.c")
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("a@b.c.allow_plaintext_auth"));
+        // Without credentials, plain text is fine.
+        parse("host = \"h\"\ntls = \"none\"")
+            .resolve("a@b.c")
+            .unwrap();
     }
 
     #[test]

@@ -13,9 +13,17 @@
 //! - The provider id is the server's queue id from the reply to DATA when it gives one, else the
 //!   Message-ID (`<outbox id@sender domain>`, the same on every retry so receivers can de-duplicate).
 //!
+//! - Capacity vs timeout (issue 8): a delivery first waits for one of the profile's `pool_size`
+//!   slots, then gets the whole `timeout` for its connection set-up and transaction
+//!   ([`Connector::deliver_within`]); queueing behind a slow server is not a timeout.
+//! - TLS policy: credentials go only over TLS (implicit, or STARTTLS). `opportunistic` with
+//!   credentials fails with `smtp-tls` when the server offers no STARTTLS, as `starttls` always
+//!   does; AUTH in clear text needs `tls = "none"` and `allow_plaintext_auth = true`.
+//!
 //! Invariants: one pool per profile, its reaper task spawned on first use inside the daemon's
-//! runtime; an SMTP transaction, once started, runs to its end even if the delivery is
-//! abandoned, so no half-used connection goes back to the pool; `healthcheck` never opens a
+//! runtime; the transaction runs inside the delivery's future, so a delivery that times out or is
+//! dropped closes its connection mid-transaction (see [`pool::Pool::send`] for what that means to
+//! the server) and never parks it or completes it later; `healthcheck` never opens a
 //! connection.
 
 pub mod config;
@@ -43,6 +51,8 @@ use content::{Built, Form};
 pub struct SmtpConnector {
     name: String,
     from: Mailbox,
+    /// The profile's `timeout`, for a bare [`Connector::deliver`].
+    timeout: std::time::Duration,
     pool: Arc<pool::Pool>,
 }
 
@@ -90,12 +100,14 @@ impl SmtpConnector {
                 None => DEFAULT_MECHANISMS.to_vec(),
             },
             timeout: r.timeout,
+            plaintext_auth: r.allow_plaintext_auth,
             pool_size: r.pool_size,
             idle_timeout: r.pool_idle_timeout,
         };
         Ok(SmtpConnector {
             name: format!("smtp/{profile}"),
             from: r.from,
+            timeout: r.timeout,
             pool: pool::Pool::new(settings),
         })
     }
@@ -187,6 +199,9 @@ fn classify_send(e: pool::SendError) -> DeliveryError {
         pool::SendError::Connect(e) => {
             DeliveryError::retry("smtp-connect", format!("Connection error: {e}"))
         }
+        pool::SendError::Tls(why) => DeliveryError::retry("smtp-tls", why),
+        // As lettre's own client errors (see `classify`).
+        pool::SendError::Client(why) => DeliveryError::permanent("smtp-client", why),
         pool::SendError::Timeout(what) => DeliveryError::retry("timeout", what),
     }
 }
@@ -253,18 +268,26 @@ impl Connector for SmtpConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        self.deliver_within(msg, self.timeout).await
+    }
+
+    async fn deliver_within(
+        &self,
+        msg: &OutboxMessage,
+        timeout: std::time::Duration,
+    ) -> Result<Receipt, DeliveryError> {
         let (built, message_id) = self.prepare(msg)?;
         let envelope = envelope(&self.from, &built)?;
-        // Waiting for a free slot is cancellable: nothing has been sent yet.
+        // Capacity first, unbounded and cancellable (nothing has been sent yet); the clock of the
+        // provider call starts once a slot is held.
         let permit = self.pool.permit().await;
-        // The transaction runs in its own task: if the dispatcher's timeout (or a shutdown) drops
-        // this future mid-transaction, the half-used connection would go back to the pool and
-        // the next message would read stale replies. Detached, the transaction ends (bounded by
-        // the per-operation timeout) and the connection is parked consistent or dropped.
-        let pool = Arc::clone(&self.pool);
-        let resp = tokio::spawn(async move { pool.send(permit, &envelope, &built.bytes).await })
+        let deadline = tokio::time::Instant::now() + timeout;
+        // In this future, not a task of its own: dropping it (a shutdown) closes the connection
+        // mid-transaction, as the deadline does.
+        let resp = self
+            .pool
+            .send(permit, &envelope, &built.bytes, deadline)
             .await
-            .map_err(|e| DeliveryError::retry("smtp-internal", e.to_string()))?
             .map_err(classify_send)?;
         Ok(Receipt {
             provider_id: queue_id(&resp).or(message_id),

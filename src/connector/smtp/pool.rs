@@ -10,12 +10,17 @@
 //!
 //! Behaviour kept from lettre's pool: at most `pool_size` connections (here also at most
 //! `pool_size` transactions at once), idle ones closed after `pool_idle_timeout`, a parked
-//! connection checked with NOOP before reuse, a broken one never parked.
+//! connection checked with NOOP before reuse, a broken one never parked. Unlike lettre's, a
+//! transaction the server refuses with a reply (a rejected recipient, a rejected DATA) does not
+//! cost the connection: the session is reset with RSET and parked, instead of QUIT, reconnect,
+//! TLS handshake and AUTH for the next message.
 //!
-//! Invariants: a connection is parked only after a complete transaction that left it unbroken;
-//! every network step (connect with TLS, greeting, EHLO, STARTTLS and AUTH as one step; the NOOP
-//! check; the transaction) is bounded by `timeout`, and a connection whose step timed out is
-//! dropped, never parked.
+//! Invariants: a connection is parked only after a transaction that ended with a reply (accepted,
+//! or refused and reset), never after a network or protocol error; the caller's deadline bounds
+//! the checkout (connect with TLS, greeting, EHLO, STARTTLS and AUTH; the NOOP check) and the
+//! transaction together, and a connection whose deadline passed mid-transaction, or whose future
+//! was dropped, is closed, never parked; AUTH never goes over an unencrypted connection unless
+//! the profile allows it (`tls = "none"` and `allow_plaintext_auth = true`).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -27,7 +32,9 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, Tls};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -43,6 +50,8 @@ pub struct Settings {
     pub credentials: Option<Credentials>,
     pub mechanisms: Vec<Mechanism>,
     pub timeout: Duration,
+    /// AUTH may go over an unencrypted connection (`tls = "none"` + `allow_plaintext_auth`).
+    pub plaintext_auth: bool,
     pub pool_size: u32,
     pub idle_timeout: Duration,
 }
@@ -54,7 +63,11 @@ pub enum SendError {
     Smtp(lettre::transport::smtp::Error),
     /// The TCP connection could not be opened.
     Connect(std::io::Error),
-    /// A network step took longer than `timeout`.
+    /// The connection cannot be secured as the profile requires (no STARTTLS offered).
+    Tls(&'static str),
+    /// The message needs a capability the server lacks (SMTPUTF8, 8BITMIME); nothing was sent.
+    Client(&'static str),
+    /// The delivery's deadline passed (connection set-up or transaction).
     Timeout(&'static str),
 }
 
@@ -89,40 +102,86 @@ impl Pool {
         self.idle.lock().unwrap().len()
     }
 
-    /// One SMTP transaction over a pooled (or new) connection. Call it in a task of its own so
-    /// that it runs to its end even if the caller stops waiting.
+    /// One SMTP transaction over a pooled (or new) connection, holding `_permit` (one of the
+    /// pool's slots), finished by `deadline` or abandoned.
+    ///
+    /// Abandoned means the connection is closed without waiting for the server's next reply:
+    /// on the deadline here, or when the caller drops this future (a shutdown). Closed before the
+    /// end of the data, the server never has the whole message. Closed after the terminator
+    /// `<CRLF>.<CRLF>` but before its reply was read, RFC 5321 §4.1.1.10 says the server "MUST
+    /// cancel any pending transaction, but not undo any previously completed transaction": a
+    /// server that had not yet sent its 250 drops the mail, so nothing is delivered behind the
+    /// daemon's back. The one window left is a 250 already sent but not read in time (RFC 1047's
+    /// duplicate problem); the retry then repeats the same Message-ID, which receivers can
+    /// de-duplicate on. RFC 5321 §4.5.3.2.6 suggests waiting up to 10 minutes for that reply;
+    /// a profile whose `timeout` is far below the server's processing time widens the window.
     pub async fn send(
         self: &Arc<Self>,
         _permit: OwnedSemaphorePermit,
         envelope: &Envelope,
         bytes: &[u8],
+        deadline: tokio::time::Instant,
     ) -> Result<Response, SendError> {
         self.start_reaper();
-        let mut conn = self.checkout().await?;
-        let t = self.settings.timeout;
-        let resp = match tokio::time::timeout(t, conn.send(envelope, bytes)).await {
-            Ok(r) => r,
-            // Dropped mid-transaction: never parked.
+        let mut conn = match tokio::time::timeout_at(deadline, self.checkout()).await {
+            Ok(c) => c?,
+            Err(_) => return Err(SendError::Timeout("SMTP connection set-up timed out")),
+        };
+        let ended = match tokio::time::timeout_at(deadline, transaction(&mut conn, envelope, bytes))
+            .await
+        {
+            Ok(ended) => ended,
+            // `conn` is dropped here: the socket closes before the reply (see above).
             Err(_) => return Err(SendError::Timeout("SMTP transaction timed out")),
         };
-        if !conn.has_broken() {
-            let mut idle = self.idle.lock().unwrap();
-            if idle.len() < self.settings.pool_size as usize {
-                idle.push((conn, Instant::now()));
+        match ended {
+            Ok(resp) => {
+                self.park(conn);
+                Ok(resp)
             }
+            Err(Failure::Refused { error, open }) => {
+                // 421: the server is closing the channel (RFC 5321 §4.2.2).
+                let closing = error.status().is_some_and(|c| u16::from(c) == 421);
+                // RSET aborts the open transaction and clears its buffers (RFC 5321 §4.1.1.5);
+                // after the reply to the terminator there is none (§4.1.1.4). Within the same
+                // deadline: the refusal is the outcome whether or not the reset succeeds.
+                let keep = !closing
+                    && (!open
+                        || matches!(
+                            tokio::time::timeout_at(deadline, conn.command(Rset)).await,
+                            Ok(Ok(_))
+                        ));
+                if keep {
+                    self.park(conn);
+                }
+                Err(SendError::Smtp(error))
+            }
+            Err(Failure::Unsent(why)) => {
+                self.park(conn);
+                Err(SendError::Client(why))
+            }
+            Err(Failure::Broken(e)) => Err(e),
         }
-        resp.map_err(SendError::Smtp)
     }
 
+    /// Keeps a connection for the next transaction (unless the pool is full of idle ones).
+    fn park(&self, conn: AsyncSmtpConnection) {
+        if conn.has_broken() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < self.settings.pool_size as usize {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// A parked connection that answers NOOP, else a new one. The caller's deadline bounds it.
     async fn checkout(&self) -> Result<AsyncSmtpConnection, SendError> {
         let t = self.settings.timeout;
         loop {
             let parked = self.idle.lock().unwrap().pop();
             let Some((mut conn, since)) = parked else {
-                return match tokio::time::timeout(t, self.connect()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(SendError::Timeout("SMTP connection set-up timed out")),
-                };
+                return self.connect().await;
             };
             if since.elapsed() > self.settings.idle_timeout {
                 tokio::spawn(close(conn, t));
@@ -136,13 +195,16 @@ impl Pool {
     }
 
     /// A new connection: TCP with TCP_NODELAY, implicit TLS or STARTTLS as configured, EHLO,
-    /// AUTH when there are credentials.
+    /// AUTH when there are credentials, and only over TLS unless the profile allows plain text.
     async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
         let s = &self.settings;
         let tcp = TcpStream::connect((s.host.as_str(), s.port))
             .await
             .map_err(SendError::Connect)?;
         tcp.set_nodelay(true).map_err(SendError::Connect)?;
+        // lettre sees our implicit-TLS stream as a plain one (`is_encrypted` is false), so
+        // encryption is tracked here.
+        let mut encrypted = false;
         let mut conn = match &s.tls {
             Tls::Wrapper(params) => {
                 // Implicit TLS: lettre's own rustls upgrade over our socket, then the greeting
@@ -153,6 +215,7 @@ impl Pool {
                     .upgrade_tls(params.clone())
                     .await
                     .map_err(SendError::Smtp)?;
+                encrypted = true;
                 AsyncSmtpConnection::connect_with_transport(
                     Box::new(TlsOver(stream)),
                     &s.hello_name,
@@ -165,17 +228,30 @@ impl Pool {
                 .map_err(SendError::Smtp)?,
         };
         match &s.tls {
-            Tls::Opportunistic(params) if conn.can_starttls() => conn
-                .starttls(params.clone(), &s.hello_name)
-                .await
-                .map_err(SendError::Smtp)?,
-            Tls::Required(params) => conn
-                .starttls(params.clone(), &s.hello_name)
-                .await
-                .map_err(SendError::Smtp)?,
+            Tls::Opportunistic(params) | Tls::Required(params) if conn.can_starttls() => {
+                conn.starttls(params.clone(), &s.hello_name)
+                    .await
+                    .map_err(SendError::Smtp)?;
+                encrypted = true;
+            }
+            Tls::Required(_) => {
+                conn.abort().await;
+                return Err(SendError::Tls(
+                    "the server does not offer STARTTLS, which the profile requires",
+                ));
+            }
             _ => {}
         }
         if let Some(credentials) = &s.credentials {
+            // An opportunistic profile whose server (or someone in between, RFC 3207 §6)
+            // hides STARTTLS must not hand over its password in clear text.
+            if !encrypted && !s.plaintext_auth {
+                conn.abort().await;
+                return Err(SendError::Tls(
+                    "the server does not offer STARTTLS; credentials are never sent over an \
+                     unencrypted connection (only tls = \"none\" with allow_plaintext_auth)",
+                ));
+            }
             conn.auth(&s.mechanisms, credentials)
                 .await
                 .map_err(SendError::Smtp)?;
@@ -211,6 +287,73 @@ impl Pool {
             });
         });
     }
+}
+
+/// How a transaction that did not succeed ended.
+enum Failure {
+    /// The server refused with a reply; the session is still in step. `open`: the refusal came
+    /// before the end of the data, so the transaction is still open on the server.
+    Refused {
+        error: lettre::transport::smtp::Error,
+        open: bool,
+    },
+    /// The message needs a capability the server lacks; nothing was sent.
+    Unsent(&'static str),
+    /// The connection is unusable (network or protocol error).
+    Broken(SendError),
+}
+
+/// MAIL, RCPT for every recipient, DATA, the message: lettre's `AsyncSmtpConnection::send`
+/// without its QUIT-and-close on a refusal, which the caller handles (RSET and reuse).
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    email: &[u8],
+) -> Result<Response, Failure> {
+    // Internationalisation as lettre does it: SMTPUTF8 (RFC 6531) for non-ASCII addresses,
+    // 8BITMIME (RFC 6152) for a non-ASCII body; without the extension, nothing is sent.
+    let mut params = Vec::new();
+    let non_ascii_address = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii_address {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            return Err(Failure::Unsent(
+                "Envelope contains non-ascii chars but server does not support SMTPUTF8",
+            ));
+        }
+        params.push(MailParameter::SmtpUtfEight);
+    }
+    if !email.is_ascii() {
+        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+            return Err(Failure::Unsent(
+                "Message contains non-ascii chars but server does not support 8BITMIME",
+            ));
+        }
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    // A negative reply leaves the session in step; anything else does not.
+    let ended = |open: bool| {
+        move |error: lettre::transport::smtp::Error| {
+            if error.status().is_some() {
+                Failure::Refused { error, open }
+            } else {
+                Failure::Broken(SendError::Smtp(error))
+            }
+        }
+    };
+    conn.command(Mail::new(envelope.from().cloned(), params))
+        .await
+        .map_err(ended(true))?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), Vec::new()))
+            .await
+            .map_err(ended(true))?;
+    }
+    conn.command(Data).await.map_err(ended(true))?;
+    conn.message(email).await.map_err(ended(false))
 }
 
 /// QUIT, bounded; the socket closes when the connection is dropped.
