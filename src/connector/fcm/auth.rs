@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::{retryable_status, FcmConfig, MAX_RESPONSE_BYTES};
 use crate::config::Secret;
-use crate::connector::http::{classify_transport, parse_retry_after, read_limited, truncate};
+use crate::connector::http::{parse_retry_after, read_limited, truncate};
+use crate::connector::redact;
 use crate::connector::token::{Token, TokenSource};
 use crate::connector::DeliveryError;
 
@@ -117,12 +118,12 @@ impl TokenSource for JwtGrant {
             ])
             .send()
             .await
-            .map_err(|e| token_transport(&e))?;
+            .map_err(token_transport)?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = read_limited(resp, MAX_RESPONSE_BYTES)
             .await
-            .map_err(|e| token_transport(&e))?;
+            .map_err(token_transport)?;
         let text = String::from_utf8_lossy(&bytes);
         if status.is_success() {
             let t: TokenResponse = serde_json::from_str(&text).map_err(|e| {
@@ -157,8 +158,8 @@ impl TokenSource for JwtGrant {
     }
 }
 
-fn token_transport(e: &reqwest::Error) -> DeliveryError {
-    let inner = classify_transport(e);
+fn token_transport(e: reqwest::Error) -> DeliveryError {
+    let inner = redact::send_error(e);
     DeliveryError::retry(
         "token-fetch",
         format!("token endpoint: {}: {}", inner.code(), inner.reason()),

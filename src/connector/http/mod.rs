@@ -18,6 +18,8 @@ pub mod allow;
 pub mod oauth;
 pub mod sign;
 
+pub use super::redact::transport_error as classify_transport;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,7 @@ use reqwest::header::{
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
+use super::redact::{self, Redactor};
 use super::token::TokenCache;
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
@@ -92,6 +95,18 @@ pub struct HttpConfig {
     /// `*.suffix` wildcards, IP addresses, CIDRs. Default empty (any public host).
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// Hosts besides the profile's own (`host` for any port, or `host:port`) that receive the
+    /// profile's credentials — `Authorization` (token or OAuth2), the signature headers and
+    /// `headers` — on an absolute `address` or a redirect. Elsewhere a request goes without them
+    /// and a redirect that would carry them is refused (`redirect-denied`). Default empty.
+    #[serde(default)]
+    pub credential_hosts: Vec<String>,
+    /// The path and query of `url` are a credential (a Slack or Teams webhook path): they are
+    /// replaced by `***` in every error text and log line. A password in `url`, Telegram's
+    /// `/bot<token>/` and credential query parameters (`access_token`, `key`, `token`,
+    /// `signature`…) are redacted anyway. Default false.
+    #[serde(default)]
+    pub url_secret: bool,
 }
 
 fn default_method() -> String {
@@ -124,11 +139,101 @@ pub struct HttpConnector {
     oauth: Option<(Arc<TokenCache>, String)>,
     signer: Option<Signer>,
     method: Method,
+    /// `Content-Type`: sent with every request that has a body.
+    content_type: HeaderValue,
+    /// The profile's `headers` and static `Authorization`: credentials, sent only to
+    /// [`Self::credential_origins`].
     headers: HeaderMap,
+    /// Origins that receive the credentials: the profile's own and `credential_hosts`.
+    credential_origins: Arc<CredentialOrigins>,
     idempotency_header: Option<HeaderName>,
     validate_json: bool,
     store_reply: bool,
     max_response_bytes: usize,
+    redactor: Redactor,
+}
+
+/// The origins an `http` profile's credentials may go to.
+#[derive(Debug, Default)]
+struct CredentialOrigins {
+    /// `scheme://host:port` of the profile's URL.
+    own: String,
+    /// `credential_hosts`: (host, port or any).
+    extra: Vec<(String, Option<u16>)>,
+    /// Whether the profile has credentials at all; without, redirects follow the allowlist only.
+    any: bool,
+}
+
+impl CredentialOrigins {
+    fn admits(&self, u: &url::Url) -> bool {
+        if redact::origin(u) == self.own {
+            return true;
+        }
+        let host = u.host_str().unwrap_or("").to_ascii_lowercase();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.extra
+            .iter()
+            .any(|(h, p)| h == host && p.map_or(true, |p| Some(p) == u.port_or_known_default()))
+    }
+
+    /// Whether a redirect from the request's first URL to `next` may be followed: a request that
+    /// carried credentials is only redirected to an origin that may have them, never from https
+    /// to http.
+    fn check_redirect(
+        &self,
+        first: &url::Url,
+        next: &url::Url,
+    ) -> Result<(), redact::RedirectRefused> {
+        if !self.any || !self.admits(first) {
+            return Ok(());
+        }
+        let downgrade = first.scheme() == "https" && next.scheme() != "https";
+        if self.admits(next) && !downgrade {
+            Ok(())
+        } else {
+            Err(redact::RedirectRefused {
+                to: redact::origin(next),
+                from: redact::origin(first),
+            })
+        }
+    }
+}
+
+/// `credential_hosts` entries: `host` or `host:port` (IPv6 in brackets).
+fn parse_credential_hosts(list: &[String]) -> Result<Vec<(String, Option<u16>)>, String> {
+    list.iter()
+        .map(|raw| {
+            let s = raw.trim().to_ascii_lowercase();
+            let parsed = url::Url::parse(&format!("http://{s}/"))
+                .ok()
+                .filter(|u| u.path() == "/" && u.username().is_empty() && u.query().is_none());
+            let u = parsed.ok_or_else(|| format!("\"{raw}\" is not a host or host:port"))?;
+            let host = u.host_str().unwrap_or("");
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let explicit_port = s
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                && !(s.starts_with('[') && s.ends_with(']'));
+            Ok((
+                host,
+                if explicit_port {
+                    u.port_or_known_default()
+                } else {
+                    None
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Whether a header of `headers` carries a credential (`Authorization`, `X-Api-Key`, `Cookie`…):
+/// marked sensitive and scrubbed from texts.
+fn is_secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("cookie") || crate::config::is_credential_param(&n)
 }
 
 impl HttpConnector {
@@ -146,19 +251,22 @@ impl HttpConnector {
         }
         let method = Method::from_bytes(cfg.method.to_uppercase().as_bytes())
             .map_err(|_| err("method", format!("invalid method \"{}\"", cfg.method)))?;
+        let mut redactor = Redactor::new();
+        redactor.add_url(&base_url, cfg.url_secret);
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
             let name = HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| err("headers", format!("invalid header name \"{k}\"")))?;
-            let value = HeaderValue::from_str(v)
+            let mut value = HeaderValue::from_str(v)
                 .map_err(|_| err("headers", format!("invalid value for header \"{k}\"")))?;
+            if is_secret_header(k) {
+                value.set_sensitive(true);
+                redactor.add(v);
+            }
             headers.insert(name, value);
         }
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_str(&cfg.content_type)
-                .map_err(|_| err("content_type", "invalid content type".into()))?,
-        );
+        let content_type = HeaderValue::from_str(&cfg.content_type)
+            .map_err(|_| err("content_type", "invalid content type".into()))?;
         let token = SecretSource::of(&cfg.token, &cfg.token_env, &cfg.token_file)
             .resolve("token")
             .map_err(|m| err("token", m))?;
@@ -169,7 +277,8 @@ impl HttpConnector {
                     .into(),
             ));
         }
-        if let Some(t) = token {
+        if let Some(t) = &token {
+            redactor.add(t.expose());
             let mut v = HeaderValue::from_str(&format!("{} {}", cfg.auth_scheme, t.expose()))
                 .map_err(|_| err("token", "token is not a valid header value".into()))?;
             v.set_sensitive(true);
@@ -188,16 +297,34 @@ impl HttpConnector {
             Policy::new(&base_url, cfg.allow_private, &cfg.allowed_hosts)
                 .map_err(|m| err("allowed_hosts", m))?,
         );
+        let credential_origins = Arc::new(CredentialOrigins {
+            own: redact::origin(&base_url),
+            extra: parse_credential_hosts(&cfg.credential_hosts)
+                .map_err(|m| err("credential_hosts", m))?,
+            any: token.is_some()
+                || cfg.oauth2.is_some()
+                || cfg.signing_secret.is_some()
+                || cfg.signing_secret_env.is_some()
+                || cfg.signing_secret_file.is_some()
+                || !cfg.headers.is_empty(),
+        });
         let redirect_policy = policy.clone();
+        let redirect_origins = credential_origins.clone();
         let client = crate::connector::http_client_builder(timeout)
             // Names are checked where they are resolved for the connection (no rebinding window)…
             .dns_resolver(Arc::new(allow::Guard(policy.clone())))
-            // …and IP-literal redirect targets, which never reach the resolver, here.
+            // …and IP-literal redirect targets, which never reach the resolver, here; credentials
+            // never follow a redirect to an origin that may not have them.
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                let first = attempt.previous().first().cloned();
                 if attempt.previous().len() >= 10 {
                     attempt.error("too many redirects")
                 } else if let Err(denied) = redirect_policy.check_url(attempt.url()) {
                     attempt.error(denied)
+                } else if let Some(Err(refused)) =
+                    first.map(|f| redirect_origins.check_redirect(&f, attempt.url()))
+                {
+                    attempt.error(refused)
                 } else {
                     attempt.follow()
                 }
@@ -206,21 +333,25 @@ impl HttpConnector {
             .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
         let oauth = match &cfg.oauth2 {
             Some(o) => Some((
-                oauth::cache_for(o, timeout).map_err(|m| err("oauth2", m))?,
+                oauth::cache_for(o, timeout, &mut redactor).map_err(|m| err("oauth2", m))?,
                 cfg.auth_scheme.clone(),
             )),
             None => None,
         };
-        let signer = SecretSource::of(
+        let signing_secret = SecretSource::of(
             &cfg.signing_secret,
             &cfg.signing_secret_env,
             &cfg.signing_secret_file,
         )
         .resolve("signing_secret")
-        .map_err(|m| err("signing_secret", m))?
-        .map(|s| Signer::new(&s))
-        .transpose()
         .map_err(|m| err("signing_secret", m))?;
+        if let Some(s) = &signing_secret {
+            redactor.add(s.expose());
+        }
+        let signer = signing_secret
+            .map(|s| Signer::new(&s))
+            .transpose()
+            .map_err(|m| err("signing_secret", m))?;
         Ok(HttpConnector {
             name: format!("http/{profile}"),
             client,
@@ -231,13 +362,16 @@ impl HttpConnector {
             oauth,
             signer,
             method,
+            content_type,
             headers,
+            credential_origins,
             idempotency_header,
             validate_json: cfg
                 .validate_json
                 .unwrap_or_else(|| cfg.content_type.to_ascii_lowercase().contains("json")),
             store_reply: cfg.store_reply,
             max_response_bytes: cfg.max_response_bytes,
+            redactor,
         })
     }
 
@@ -317,26 +451,6 @@ pub fn classify_status(status: StatusCode, body: &str, headers: &HeaderMap) -> D
     }
 }
 
-/// A transport failure (no status): always retryable.
-pub fn classify_transport(e: &reqwest::Error) -> DeliveryError {
-    let code = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "network"
-    };
-    // reqwest's Display omits the cause; the chain says what happened.
-    let mut reason = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        src = s.source();
-    }
-    DeliveryError::retry(code, reason)
-}
-
 /// At most `max` bytes of `s`, cut at a character boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -356,9 +470,24 @@ impl Connector for HttpConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        // Whatever a provider echoes, and whatever URL an error names, no secret leaves.
+        self.redactor.result(self.deliver_inner(msg).await)
+    }
+}
+
+impl HttpConnector {
+    async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let url = self.url_for(msg)?;
+        let method = self.method_for(msg);
         let body = msg.content.clone().unwrap_or_default();
-        if self.validate_json {
+        // A GET, HEAD, DELETE or OPTIONS with no content is a request without a body (RFC 9110
+        // §9.3): nothing to validate, no Content-Type.
+        let bodiless = body.is_empty()
+            && matches!(
+                method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            );
+        if self.validate_json && !bodiless {
             if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
                 return Err(DeliveryError::permanent(
                     "bad-content",
@@ -366,7 +495,16 @@ impl Connector for HttpConnector {
                 ));
             }
         }
-        let mut headers = self.headers.clone();
+        // Credentials go to the profile's own origin and to `credential_hosts` only.
+        let credentials = self.credential_origins.admits(&url);
+        let mut headers = if credentials {
+            self.headers.clone()
+        } else {
+            HeaderMap::new()
+        };
+        if !bodiless {
+            headers.insert(CONTENT_TYPE, self.content_type.clone());
+        }
         let code = HeaderValue::from_str(&msg.code).map_err(|_| {
             DeliveryError::permanent("bad-code", "the message code is not a valid header value")
         })?;
@@ -377,7 +515,7 @@ impl Connector for HttpConnector {
             })?;
             headers.insert(h.clone(), v);
         }
-        if let Some(signer) = &self.signer {
+        if let Some(signer) = self.signer.as_ref().filter(|_| credentials) {
             for (name, value) in signer.headers(&msg.code, body.as_bytes()) {
                 let v = if name == "webhook-id" {
                     code.clone()
@@ -387,8 +525,9 @@ impl Connector for HttpConnector {
                 headers.insert(name, v);
             }
         }
-        let method = self.method_for(msg);
-        let resp = match &self.oauth {
+        let body = (!bodiless).then_some(body);
+        let oauth = self.oauth.as_ref().filter(|_| credentials);
+        let resp = match oauth {
             None => self.send(&method, &url, headers, &body).await?,
             Some((cache, scheme)) => {
                 let token = cache.get().await?;
@@ -444,15 +583,16 @@ impl HttpConnector {
         method: &Method,
         url: &url::Url,
         headers: HeaderMap,
-        body: &str,
+        body: &Option<String>,
     ) -> Result<reqwest::Response, DeliveryError> {
-        self.client
+        let mut req = self
+            .client
             .request(method.clone(), url.clone())
-            .headers(headers)
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| classify_send(&e))
+            .headers(headers);
+        if let Some(b) = body {
+            req = req.body(b.clone());
+        }
+        req.send().await.map_err(classify_send)
     }
 }
 
@@ -472,10 +612,10 @@ fn with_token(
 }
 
 /// A failed send: refused by the allowlist (resolver or redirect policy) or a transport error.
-fn classify_send(e: &reqwest::Error) -> DeliveryError {
-    match allow::is_denied(e) {
+fn classify_send(e: reqwest::Error) -> DeliveryError {
+    match allow::is_denied(&e) {
         Some(d) => denied(d.clone()),
-        None => classify_transport(e),
+        None => redact::send_error(e),
     }
 }
 
@@ -499,9 +639,7 @@ pub async fn read_response(
 ) -> Result<(StatusCode, HeaderMap, String), DeliveryError> {
     let status = resp.status();
     let headers = resp.headers().clone();
-    let bytes = read_limited(resp, max)
-        .await
-        .map_err(|e| classify_transport(&e))?;
+    let bytes = read_limited(resp, max).await.map_err(classify_transport)?;
     Ok((
         status,
         headers,
