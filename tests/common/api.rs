@@ -456,3 +456,27 @@ pub async fn reload_until_profile(
     )
     .await
 }
+
+/// A server on 127.0.0.1:0 (another origin than every other double) that answers every request
+/// with `307 Location: <to><path and query>`, as a provider that moved would; returns its base URL
+/// and the number of requests it answered.
+pub async fn redirector(
+    to: &str,
+) -> (
+    String,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<tokio::sync::oneshot::Sender<()>>,
+) {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (to, h) = (to.to_string(), hits.clone());
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let location = format!(
+            "{to}{}",
+            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move { (StatusCode::TEMPORARY_REDIRECT, [("location", location)], "").into_response() }
+    });
+    let (url, tx) = serve(app).await;
+    (url, hits, tx)
+}
