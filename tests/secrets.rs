@@ -6,6 +6,9 @@
 //! crate), `outbox.attempts`, inbox replies, `outboxd status`, `check-config` and configuration
 //! errors are then searched for every secret.
 mod common;
+#[allow(dead_code)]
+#[path = "common/fcm.rs"]
+mod fcm_double;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -163,6 +166,10 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
     let closed = closed_port().await;
     let plain_port: u16 = echo.rsplit(':').next().unwrap().parse().unwrap();
     let (fcm_pem, fcm_line) = rsa_key();
+    // Issuers of real access tokens, for APIs that echo the bearer token back.
+    let ts_secret = format!("Sxtsbasic{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let ts = common::api::TokenServer::start("outboxd", &ts_secret, None, None).await;
+    let fcm_double = fcm_double::FcmDouble::start().await;
 
     let s = |name: &str| format!("Sx{name}{}", &Uuid::new_v4().simple().to_string()[..10]);
     let db_password = s("dbquery");
@@ -187,6 +194,7 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
     let wrong_type = s("wrongtype");
     let file_line = s("fileline");
     let variant = s("variant");
+    let duration = s("duration");
     let main_line = s("mainline");
     let main_type = s("maintype");
 
@@ -195,6 +203,8 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
     std::fs::write(&token_file, format!("{token_file_value}\n")).unwrap();
     std::env::set_var("OUTBOXD_SECRETS_TEST_CLIENT", &client_secret);
     std::env::set_var("OUTBOXD_SECRETS_TEST_M2M", &m2m_password);
+    std::fs::create_dir(dir.path().join("echoed")).unwrap();
+    let fcm_echoed_key = fcm_double.write_key(&dir.path().join("echoed"));
     let fcm_key_file = dir.path().join("sa.json");
     std::fs::write(
         &fcm_key_file,
@@ -213,8 +223,11 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
          [oauth]\nurl = \"{echo}/s500/api\"\n{common}\n\
          [oauth.oauth2]\ntoken_url = \"{echo}/s401/oauth/token\"\nclient_id = \"outboxd\"\n\
          client_secret_env = \"OUTBOXD_SECRETS_TEST_CLIENT\"\nclient_auth = \"form\"\n\n\
-         [reply]\nurl = \"{echo}/ok\"\ntoken = \"{reply_token}\"\n{common}\n",
-        path_str(&token_file)
+         [reply]\nurl = \"{echo}/ok\"\ntoken = \"{reply_token}\"\n{common}\n\
+         [bearer]\nurl = \"{echo}/s401/api\"\n{common}\n\
+         [bearer.oauth2]\ntoken_url = \"{}\"\nclient_id = \"outboxd\"\nclient_secret = \"{ts_secret}\"\n",
+        path_str(&token_file),
+        ts.token_url()
     );
     let sba = format!(
         "[default]\nbase_url = \"{echo}/s500\"\nuser_name = \"shop\"\npassword = \"{sba_password}\"\n\
@@ -228,12 +241,16 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
     );
     let fcm = format!(
         "[default]\nservice_account = '{}'\nendpoint = \"{echo}/s500\"\n{common}\n\
-         [denied]\nservice_account_file = \"{}\"\nendpoint = \"{echo}/s500\"\n{common}\n",
+         [denied]\nservice_account_file = \"{}\"\nendpoint = \"{echo}/s500\"\n{common}\n\
+         [echoed]\nservice_account_file = \"{}\"\nendpoint = \"{echo}/s401\"\n{common}\n",
         service_account(&fcm_pem, &format!("http://127.0.0.1:{closed}/token")),
-        path_str(&fcm_key_file)
+        path_str(&fcm_key_file),
+        path_str(&fcm_echoed_key)
     );
     let smtp = format!(
         "[default]\nhost = \"127.0.0.1\"\nport = {closed}\ntls = \"tls\"\nusername = \"mailer\"\n\
+         password = \"{smtp_password}\"\nfrom = \"outboxd@example.org\"\n{common}\n\
+         [tls]\nhost = \"127.0.0.1\"\nport = {plain_port}\ntls = \"tls\"\nusername = \"mailer\"\n\
          password = \"{smtp_password}\"\nfrom = \"outboxd@example.org\"\n{common}\n"
     );
     let file = format!(
@@ -273,7 +290,10 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
         ("m2m.agent", "login", "79001234567", "hello"),
         ("fcm.agent", "default", "device-1", fcm_body),
         ("fcm.agent", "denied", "device-1", fcm_body),
+        ("fcm.agent", "echoed", "device-1", fcm_body),
         ("smtp.agent", "default", "to@example.org", "hello"),
+        ("smtp.agent", "tls", "to@example.org", "hello"),
+        ("http.agent", "bearer", "/x", "{}"),
     ];
     let mut ids = Vec::new();
     for (agent, profile, address, content) in sends {
@@ -300,7 +320,9 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
         ),
         (
             "sba",
-            format!("{sba}\n[typed]\nmax_attempts = \"{wrong_type}\"\n"),
+            format!(
+                "{sba}\n[typed]\nmax_attempts = \"{wrong_type}\"\n[dur]\ntimeout = \"{duration}\"\n"
+            ),
         ),
         (
             "file",
@@ -322,8 +344,8 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
         std::fs::write(tc.path(&format!("{kind}.conf")), text).unwrap();
     }
     daemon.controls.reload.notify_one();
-    wait_for(WAIT, "five refused files in the log", || async {
-        (log_text().matches("reload refused").count() >= broken.len()).then_some(())
+    wait_for(WAIT, "six refused profiles in the log", || async {
+        (log_text().matches("reload refused").count() > broken.len()).then_some(())
     })
     .await;
     let check = outboxd::ops::check_config(&tc.config).await;
@@ -393,6 +415,7 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
         "http-500",
         "token-denied",
         "token-fetch",
+        "token-invalid",
     ] {
         assert!(codes.iter().any(|c| c == want), "{want} in {codes:?}");
     }
@@ -441,9 +464,26 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
         ("sba.conf value of a typed key", wrong_type),
         ("file.conf syntax error line", file_line),
         ("smtp.conf enum value", variant),
+        ("sba.conf duration value", duration),
+        ("http oauth2 client_secret (basic)", ts_secret),
         ("main file syntax error line", main_line),
         ("main file value of a typed key", main_type),
     ];
-    let leaks = places.leaks(&secrets);
+    let mut leaks = places.leaks(&secrets);
+    // Access tokens (the OAuth2 server's, FCM's) that APIs echoed back are not shown either.
+    assert!(
+        ts.hits() >= 2 && fcm_double.token_requests() >= 2,
+        "tokens were issued"
+    );
+    for (place, text) in &places.0 {
+        for (i, _) in text.match_indices("Bearer ") {
+            if !text[i + 7..].starts_with("***") {
+                let end = (i + 40..text.len().min(i + 60))
+                    .find(|j| text.is_char_boundary(*j))
+                    .unwrap_or(text.len());
+                leaks.push(format!("an access token in {place}: {}", &text[i..end]));
+            }
+        }
+    }
     assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
 }

@@ -348,7 +348,24 @@ fn without_value(message: &str) -> String {
             return format!("unknown variant{}", &rest[i + 1..]);
         }
     }
-    message.to_string()
+    // Custom messages (`invalid duration "…": …`) quote the value in double quotes.
+    let mut out = String::new();
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let rest: Vec<&str> = parts.collect();
+    for (i, p) in rest.iter().enumerate() {
+        match (i % 2, i + 1 == rest.len()) {
+            (0, false) => out.push('…'),
+            _ if i % 2 == 0 => {
+                out.push('"');
+                out.push_str(p);
+            }
+            _ => out.push_str(p),
+        }
+    }
+    out
 }
 
 /// Settings every profile has, whatever its connector.

@@ -365,7 +365,8 @@ impl Connector for FcmConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
-        self.redactor.result(self.deliver_inner(msg).await)
+        let r = self.redactor.result(self.deliver_inner(msg).await);
+        self.tokens.redact(r)
     }
 
     async fn healthcheck(&self) -> Result<(), DeliveryError> {

@@ -6,7 +6,9 @@
 //! 10 % of its lifetime, so a token that lives 60 s or less is still reused — and at the latest
 //! every `max_age` (55 minutes by default, as Apostol does); [`TokenCache::invalidate`] forces a refresh
 //! when a provider reports the token invalid, but only if the token it saw is still the cached one
-//! (so N concurrent 401s cause one refresh, not N). Tokens are [`Secret`]s and never logged.
+//! (so N concurrent 401s cause one refresh, not N). Tokens are [`Secret`]s and never logged, and
+//! [`TokenCache::redact`] scrubs the last tokens handed out from a delivery's texts (a provider
+//! that echoes the bearer token in an error body).
 //! Caches are shared per credential across profiles through [`shared`], keyed by
 //! [`credential_key`]: everything that authenticates, the secret included but only as a hash.
 
@@ -16,8 +18,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::DeliveryError;
+use super::redact::Redactor;
+use super::{DeliveryError, Receipt};
 use crate::config::Secret;
+
+/// How many of the latest tokens [`TokenCache::redact`] scrubs: the current one and the one it
+/// replaced (still in flight in deliveries that started before the refresh).
+const RECENT: usize = 2;
 
 /// A fetched token and how long the provider says it lives.
 #[derive(Clone, Debug)]
@@ -45,6 +52,7 @@ pub struct TokenCache {
     max_age: Duration,
     early: Duration,
     state: tokio::sync::Mutex<Option<Cached>>,
+    recent: Mutex<Vec<Secret>>,
 }
 
 impl TokenCache {
@@ -56,6 +64,7 @@ impl TokenCache {
             max_age: Duration::from_secs(55 * 60),
             early: Duration::from_secs(60),
             state: tokio::sync::Mutex::new(None),
+            recent: Mutex::new(Vec::new()),
         }
     }
 
@@ -83,7 +92,20 @@ impl TokenCache {
             value: token.value.clone(),
             refresh_at: Instant::now() + life,
         });
+        let mut recent = self.recent.lock().expect("recent tokens");
+        recent.push(token.value.clone());
+        let excess = recent.len().saturating_sub(RECENT);
+        recent.drain(..excess);
         Ok(token.value)
+    }
+
+    /// A delivery's result with the latest tokens scrubbed from its texts.
+    pub fn redact(&self, r: Result<Receipt, DeliveryError>) -> Result<Receipt, DeliveryError> {
+        let mut redactor = Redactor::new();
+        for t in self.recent.lock().expect("recent tokens").iter() {
+            redactor.add(t.expose());
+        }
+        redactor.result(r)
     }
 
     /// Drops `stale` if it is still the cached token, so the next `get` fetches a new one.
@@ -201,6 +223,30 @@ mod tests {
             credential_key("oauth2", &["https://t", "client", "secret-one"])
         );
         assert!(!a.contains("secret-one") && a.starts_with("oauth2:"), "{a}");
+    }
+
+    struct Long(AtomicU32);
+
+    #[async_trait]
+    impl TokenSource for Long {
+        async fn fetch(&self) -> Result<Token, DeliveryError> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Token {
+                value: Secret::new(format!("token-{n}")),
+                expires_in: Duration::ZERO,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_latest_tokens_are_scrubbed_from_texts() {
+        let cache = TokenCache::new(Long(AtomicU32::new(0)));
+        for _ in 0..3 {
+            cache.get().await.unwrap();
+        }
+        let e = DeliveryError::retry("http-401", "Bearer token-3, Bearer token-2, old token-1");
+        let e = cache.redact(Err(e)).unwrap_err();
+        assert_eq!(e.reason(), "Bearer ***, Bearer ***, old token-1");
     }
 
     #[tokio::test]

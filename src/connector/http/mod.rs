@@ -471,7 +471,11 @@ impl Connector for HttpConnector {
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         // Whatever a provider echoes, and whatever URL an error names, no secret leaves.
-        self.redactor.result(self.deliver_inner(msg).await)
+        let r = self.redactor.result(self.deliver_inner(msg).await);
+        match &self.oauth {
+            Some((cache, _)) => cache.redact(r),
+            None => r,
+        }
     }
 }
 
