@@ -169,6 +169,10 @@ impl CredentialOrigins {
         if redact::origin(u) == self.own {
             return true;
         }
+        // A profile on https never sends its credentials in clear, not even to credential_hosts.
+        if self.own.starts_with("https:") && u.scheme() != "https" {
+            return false;
+        }
         let host = u.host_str().unwrap_or("").to_ascii_lowercase();
         let host = host.trim_start_matches('[').trim_end_matches(']');
         self.extra
@@ -821,6 +825,57 @@ mod tests {
             "host-denied"
         );
         assert_eq!(url("http://[fd00::1]/").unwrap_err().code(), "host-denied");
+    }
+
+    #[test]
+    fn credentials_go_to_the_own_origin_and_credential_hosts_only() {
+        let c = build(
+            "url = \"https://api.example.com/v1\"\ntoken = \"t0ken\"\n\
+             credential_hosts = [\"files.example.com\", \"10.0.0.5:8443\", \"[::1]\"]\n",
+        )
+        .unwrap();
+        let o = &c.credential_origins;
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert!(o.any);
+        for yes in [
+            "https://api.example.com/x",
+            "https://api.example.com:443/x",
+            "https://files.example.com:9000/x",
+            "https://10.0.0.5:8443/",
+            "https://[::1]:1/",
+        ] {
+            assert!(o.admits(&u(yes)), "{yes}");
+        }
+        for no in [
+            "http://api.example.com/x",
+            "https://api.example.com:8443/x",
+            "https://other.example.com/",
+            "http://files.example.com/",
+            "https://10.0.0.5/",
+        ] {
+            assert!(!o.admits(&u(no)), "{no}");
+        }
+        let first = u("https://api.example.com/a");
+        assert!(o
+            .check_redirect(&first, &u("https://api.example.com/b"))
+            .is_ok());
+        assert!(o
+            .check_redirect(&first, &u("https://files.example.com/b"))
+            .is_ok());
+        assert!(o
+            .check_redirect(&first, &u("https://evil.example/b"))
+            .is_err());
+        assert!(o
+            .check_redirect(&first, &u("http://api.example.com/b"))
+            .is_err());
+        // A request that carried no credentials is redirected as the allowlist says.
+        assert!(o
+            .check_redirect(&u("https://other.example/"), &u("https://evil.example/"))
+            .is_ok());
+        let e = build("url = \"https://a.example\"\ncredential_hosts = [\"a.example/x\"]\n")
+            .err()
+            .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.credential_hosts"));
     }
 
     #[test]
