@@ -160,6 +160,10 @@ impl TokenSource for JwtGrant {
 
 fn token_transport(e: reqwest::Error) -> DeliveryError {
     let inner = redact::send_error(e);
+    if !inner.is_retry() {
+        // A token endpoint that redirects elsewhere: an operator must fix token_uri.
+        return inner;
+    }
     DeliveryError::retry(
         "token-fetch",
         format!("token endpoint: {}: {}", inner.code(), inner.reason()),
