@@ -196,7 +196,7 @@ impl FcmConnector {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(redact::send_error)?;
+            .map_err(|e| redact::send_error(&e))?;
         read_response(resp, MAX_RESPONSE_BYTES).await
     }
 }

@@ -272,7 +272,7 @@ impl M2mConnector {
         if let Auth::Header(v) = &self.auth {
             req = req.header(AUTHORIZATION, v.clone());
         }
-        let resp = req.send().await.map_err(redact::send_error)?;
+        let resp = req.send().await.map_err(|e| redact::send_error(&e))?;
         let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         let status_i = status.as_u16() as i32;
         let elements = match parse_elements(&text) {
@@ -322,7 +322,7 @@ impl M2mConnector {
         if let Auth::Header(v) = &self.auth {
             req = req.header(AUTHORIZATION, v.clone());
         }
-        let resp = req.send().await.map_err(redact::send_error)?;
+        let resp = req.send().await.map_err(|e| redact::send_error(&e))?;
         let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &headers));

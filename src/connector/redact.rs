@@ -8,7 +8,8 @@
 //! every result of `deliver` through [`Redactor::result`], so error texts (`outbox.attempts`,
 //! logs, `status`) and replies (inbox) never hold a secret, whatever a provider echoes; reqwest's
 //! `Display` includes the request URL (which may carry Telegram's `/bot<token>/`, DingTalk's
-//! `?access_token=`…), so no `reqwest::Error` is formatted without [`reqwest::Error::without_url`].
+//! `?access_token=`…), so no `reqwest::Error` is formatted except by [`transport_error`], which
+//! drops it (as [`reqwest::Error::without_url`] does, but from a reference).
 //! An origin is scheme, host and port (two `127.0.0.1:0` listeners are two origins).
 
 use std::borrow::Cow;
@@ -174,8 +175,7 @@ fn percent_decode(s: &str) -> String {
 
 /// A transport failure (no status), always retryable, classified as `timeout`, `connect` or
 /// `network`, with reqwest's text and its cause chain but never the URL.
-pub fn transport_error(e: reqwest::Error) -> DeliveryError {
-    let e = e.without_url();
+pub fn transport_error(e: &reqwest::Error) -> DeliveryError {
     let code = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {
@@ -183,13 +183,19 @@ pub fn transport_error(e: reqwest::Error) -> DeliveryError {
     } else {
         "network"
     };
-    // reqwest's Display omits the cause; the chain says what happened.
+    // reqwest's Display ends in ` for url (<url>)` and omits the cause; the chain says what
+    // happened.
     let mut reason = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         reason.push_str(": ");
         reason.push_str(&s.to_string());
         src = s.source();
+    }
+    if let Some(u) = e.url() {
+        reason = reason
+            .replace(&format!(" for url ({u})"), "")
+            .replace(u.as_str(), &origin(u));
     }
     DeliveryError::retry(code, reason)
 }
@@ -257,8 +263,8 @@ pub fn redirect_refused(e: &reqwest::Error) -> Option<&RedirectRefused> {
 /// A failed send of a connector that sends credentials: a refused redirect is permanent
 /// (`redirect-denied`: the endpoint moved to another origin, an operator must look), anything else
 /// a transport error.
-pub fn send_error(e: reqwest::Error) -> DeliveryError {
-    match redirect_refused(&e) {
+pub fn send_error(e: &reqwest::Error) -> DeliveryError {
+    match redirect_refused(e) {
         Some(r) => DeliveryError::permanent("redirect-denied", r.to_string()),
         None => transport_error(e),
     }
@@ -300,6 +306,33 @@ mod tests {
         assert_eq!(
             r.text("POST https://hooks.example/services/T0/B0/XyZsecret failed"),
             "POST https://hooks.example/*** failed"
+        );
+    }
+
+    #[tokio::test]
+    async fn transport_errors_lose_their_url() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/bot1:Tok3n/x?access_token=Qs3cret");
+        let e = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        assert!(
+            e.to_string().contains("Tok3n"),
+            "reqwest's own text has it: {e}"
+        );
+        let d = transport_error(&e);
+        assert_eq!(d.code(), "connect");
+        assert!(
+            !d.reason().contains("Tok3n") && !d.reason().contains("Qs3cret"),
+            "{}",
+            d.reason()
+        );
+        assert!(
+            d.reason().starts_with("error sending request: "),
+            "{}",
+            d.reason()
         );
     }
 

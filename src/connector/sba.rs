@@ -212,7 +212,7 @@ impl SbaConnector {
             .body(body)
             .send()
             .await
-            .map_err(redact::send_error)?;
+            .map_err(|e| redact::send_error(&e))?;
         let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &headers));

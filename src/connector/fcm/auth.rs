@@ -118,12 +118,12 @@ impl TokenSource for JwtGrant {
             ])
             .send()
             .await
-            .map_err(token_transport)?;
+            .map_err(|e| token_transport(&e))?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = read_limited(resp, MAX_RESPONSE_BYTES)
             .await
-            .map_err(token_transport)?;
+            .map_err(|e| token_transport(&e))?;
         let text = String::from_utf8_lossy(&bytes);
         if status.is_success() {
             let t: TokenResponse = serde_json::from_str(&text).map_err(|e| {
@@ -158,7 +158,7 @@ impl TokenSource for JwtGrant {
     }
 }
 
-fn token_transport(e: reqwest::Error) -> DeliveryError {
+fn token_transport(e: &reqwest::Error) -> DeliveryError {
     let inner = redact::send_error(e);
     if !inner.is_retry() {
         // A token endpoint that redirects elsewhere: an operator must fix token_uri.

@@ -600,7 +600,7 @@ impl HttpConnector {
         if let Some(b) = body {
             req = req.body(b.clone());
         }
-        req.send().await.map_err(classify_send)
+        req.send().await.map_err(|e| classify_send(&e))
     }
 }
 
@@ -620,8 +620,8 @@ fn with_token(
 }
 
 /// A failed send: refused by the allowlist (resolver or redirect policy) or a transport error.
-fn classify_send(e: reqwest::Error) -> DeliveryError {
-    match allow::is_denied(&e) {
+fn classify_send(e: &reqwest::Error) -> DeliveryError {
+    match allow::is_denied(e) {
         Some(d) => denied(d.clone()),
         None => redact::send_error(e),
     }
@@ -647,7 +647,9 @@ pub async fn read_response(
 ) -> Result<(StatusCode, HeaderMap, String), DeliveryError> {
     let status = resp.status();
     let headers = resp.headers().clone();
-    let bytes = read_limited(resp, max).await.map_err(classify_transport)?;
+    let bytes = read_limited(resp, max)
+        .await
+        .map_err(|e| classify_transport(&e))?;
     Ok((
         status,
         headers,

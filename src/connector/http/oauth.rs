@@ -203,12 +203,12 @@ impl<'c> AsyncHttpClient<'c> for TokenHttp {
                 .0
                 .execute(req)
                 .await
-                .map_err(|e| TokenHttpError::Transport(classify_transport(e)))?;
+                .map_err(|e| TokenHttpError::Transport(classify_transport(&e)))?;
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = read_limited(resp, MAX_TOKEN_RESPONSE)
                 .await
-                .map_err(|e| TokenHttpError::Transport(classify_transport(e)))?;
+                .map_err(|e| TokenHttpError::Transport(classify_transport(&e)))?;
             let text = || truncate(&String::from_utf8_lossy(&body), 256).to_string();
             let code = status.as_u16();
             if code == 408 || code == 429 || status.is_server_error() {
