@@ -195,6 +195,7 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
     let file_line = s("fileline");
     let variant = s("variant");
     let duration = s("duration");
+    let m2m_line = s("m2mline");
     let main_line = s("mainline");
     let main_type = s("maintype");
 
@@ -339,14 +340,20 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
             "smtp",
             format!("{smtp}\n[variant]\nhost = \"h\"\ntls = \"{variant}\"\n"),
         ),
+        (
+            "m2m",
+            format!("{m2m}\n[broken]\nlogin = \"acme\"\npassword = \"{m2m_line}\" x\n"),
+        ),
     ];
     for (kind, text) in &broken {
         std::fs::write(tc.path(&format!("{kind}.conf")), text).unwrap();
     }
     daemon.controls.reload.notify_one();
-    wait_for(WAIT, "six refused profiles in the log", || async {
-        (log_text().matches("reload refused").count() > broken.len()).then_some(())
-    })
+    wait_for(
+        WAIT,
+        "the refused files and profiles in the log",
+        || async { (log_text().matches("reload refused").count() > broken.len()).then_some(()) },
+    )
     .await;
     let check = outboxd::ops::check_config(&tc.config).await;
     let status = outboxd::ops::status(&c).await.unwrap();
@@ -426,6 +433,7 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
         "file.conf",
         "fcm.conf",
         "smtp.conf",
+        "m2m.conf",
     ] {
         assert!(
             log.lines()
@@ -464,6 +472,7 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
         ("sba.conf value of a typed key", wrong_type),
         ("file.conf syntax error line", file_line),
         ("smtp.conf enum value", variant),
+        ("m2m.conf syntax error line", m2m_line),
         ("sba.conf duration value", duration),
         ("http oauth2 client_secret (basic)", ts_secret),
         ("main file syntax error line", main_line),
