@@ -13,6 +13,14 @@
 //! optional Standard Webhooks signing ([`sign`]), and a host allowlist enforced at connect time
 //! ([`allow`]) so that a message cannot make the daemon call internal services. Response bodies
 //! are read up to `max_response_bytes` (error texts up to 256 bytes), whatever the server sends.
+//!
+//! Secrets (invariants): the credentials — `Authorization` (token or OAuth2), the signature and
+//! the profile's `headers` — go only to the origin of `url` and to `credential_hosts`; a redirect
+//! that would carry them elsewhere, or from https to http, is refused (`redirect-denied`). Every
+//! result passes through the profile's [`Redactor`] (token, secrets, secret-looking headers, the
+//! credential parts of `url`, all of its path with `url_secret`) and the token cache's, so no
+//! error text, log line or reply holds a secret. A GET, HEAD, DELETE or OPTIONS without content
+//! has no body, so it needs no JSON.
 
 pub mod allow;
 pub mod oauth;
