@@ -348,7 +348,11 @@ fn without_value(message: &str) -> String {
             return format!("unknown variant{}", &rest[i + 1..]);
         }
     }
-    // Custom messages (`invalid duration "…": …`) quote the value in double quotes.
+    // Custom `invalid …` messages (`invalid duration "…": …`) quote the value in double quotes.
+    // (Other messages quote what the user must see, such as an unknown smtp `service` name.)
+    if !message.starts_with("invalid ") {
+        return message.to_string();
+    }
     let mut out = String::new();
     let mut parts = message.split('"');
     if let Some(first) = parts.next() {
