@@ -10,7 +10,9 @@
 //! Invariants: the content is checked before any network call (one target, string data values),
 //! so a malformed message fails with `bad-content` without fetching a token; errors are classified
 //! from `error.details[].errorCode` first, then `error.status`, then the HTTP status; `healthcheck`
-//! only re-reads and parses the key. Facts: shared/providers.md §2.7.
+//! only re-reads and parses the key; the private key and the last access tokens are scrubbed
+//! from every error text; requests (token and send) never follow a redirect to another origin
+//! (`redirect-denied`). Facts: shared/providers.md §2.7.
 
 use std::path::PathBuf;
 use std::sync::Arc;

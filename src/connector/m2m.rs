@@ -18,6 +18,9 @@
 //! `m2m-<fault in kebab case>` (`m2m-incorrect-password`, `m2m-no-such-subscriber`…); an unknown
 //! fault retries unless its fault code blames the client. Without a fault, HTTP statuses and network
 //! errors follow the house rules of the http connector.
+//!
+//! Secrets: the password (and its MD5) and the token are scrubbed from every error text; requests
+//! never follow a redirect to another origin (`redirect-denied`).
 
 use std::time::Duration;
 
@@ -170,9 +173,12 @@ impl M2mConnector {
             }
             .to_string()
         });
-        for s in [&password, &token].into_iter().flatten() {
-            redactor.add(s.expose());
-            redactor.add(&md5_hex(s.expose()));
+        // The password and the MD5 of it that goes on the wire, the token.
+        if let Some(p) = &password {
+            redactor.add(p.expose()).add(&md5_hex(p.expose()));
+        }
+        if let Some(t) = &token {
+            redactor.add(t.expose());
         }
         let auth = match (cfg.api, &cfg.login, password, token) {
             (_, None, None, Some(t)) => {
