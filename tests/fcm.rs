@@ -453,3 +453,29 @@ fn the_example_profile_documents_only_real_keys() {
     assert_eq!(profiles.len(), 1);
     assert_eq!(profiles[0].1.common.retry[0], Duration::from_secs(60));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_never_follows_a_redirect_to_another_origin() {
+    let db = TestDb::new().await;
+    let fcm = FcmDouble::start().await;
+    let (moved, hits, _r) = common::api::redirector(&fcm.url).await;
+    let keys = TestConfig::new(&db, &[]);
+    let key = fcm.write_key(keys.dir.path());
+    let conf = format!(
+        "[default]\nservice_account_file = \"{}\"\nendpoint = \"{moved}\"\nmax_attempts = 1\n\
+         timeout = \"5s\"\n",
+        path_str(&key)
+    );
+    let tc = TestConfig::new(&db, &[("fcm", &conf)]);
+    let d = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let id = send_fcm(&c, "device-1", &json!({"message": {"data": {"k": "v"}}})).await;
+    assert_eq!(wait_final(&c, id).await, "failed");
+    d.stop().await;
+    assert_eq!(
+        attempts(&c, id).await,
+        vec![attempt(1, "failed", Some("redirect-denied"), None)]
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(fcm.sent().is_empty(), "{:?}", fcm.sent());
+}

@@ -286,3 +286,183 @@ async fn huge_endless_and_nul_bodies_are_stored_truncated() {
     assert_eq!(reply_of(&c, nul).await.unwrap(), "a\u{FFFD}b");
     daemon.stop().await;
 }
+
+/// Enqueues a message whose subject (the method) and content (maybe NULL) are given.
+async fn send_method(
+    c: &tokio_postgres::Client,
+    address: &str,
+    method: &str,
+    content: Option<&str>,
+) -> Uuid {
+    c.query_one(
+        "SELECT api.send_message(NULL, 'http.agent'::text, 'default', $1, $2, $3)",
+        &[&address, &method, &content],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_delete_without_content_need_no_json() {
+    let db = TestDb::new().await;
+    let api = Api::start(None, None).await;
+    // A JSON profile (the default content type), so a POST's body must be JSON.
+    let tc = TestConfig::new(&db, &[("http", &http_conf(&api.url, "max_attempts = 1"))]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let get_null = send_method(&c, "/items/1", "GET", None).await;
+    let get_empty = send_method(&c, "/items/2", "GET", Some("")).await;
+    let delete_null = send_method(&c, "/items/3", "DELETE", None).await;
+    let delete_empty = send_method(&c, "/items/4", "DELETE", Some("")).await;
+    // A POST still needs JSON.
+    let post_empty = send_method(&c, "/items", "POST", Some("")).await;
+    for id in [get_null, get_empty, delete_null, delete_empty] {
+        wait_state(&c, id, "submitted", WAIT).await;
+    }
+    failed_with(&c, post_empty, "bad-content").await;
+    daemon.stop().await;
+    let mut seen: Vec<(String, String, String, Option<String>)> = api
+        .seen()
+        .iter()
+        .map(|s| {
+            (
+                s.req.method.clone(),
+                s.req.path.clone(),
+                s.req.body.clone(),
+                s.req.headers.get("content-type").cloned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want = |m: &str, p: &str| (m.to_string(), p.to_string(), String::new(), None);
+    assert_eq!(
+        seen,
+        [
+            want("DELETE", "/items/3"),
+            want("DELETE", "/items/4"),
+            want("GET", "/items/1"),
+            want("GET", "/items/2"),
+        ],
+        "bodiless requests, without a Content-Type"
+    );
+}
+
+/// What of the profile's credentials a request carried.
+fn credentials_in(s: &common::api::Seen) -> Vec<&'static str> {
+    let h = &s.req.headers;
+    let mut out = Vec::new();
+    if h.contains_key("authorization") {
+        out.push("authorization");
+    }
+    if h.contains_key("x-api-key") {
+        out.push("x-api-key");
+    }
+    if h.contains_key("webhook-signature") {
+        out.push("webhook-signature");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_only_to_the_profiles_origin_unless_it_opts_in() {
+    let db = TestDb::new().await;
+    let own = Api::start(None, Some(SECRET)).await;
+    // Another origin: the same 127.0.0.1, another port.
+    let other = Api::start(None, None).await;
+    let creds = format!(
+        "allow_absolute_address = true\ntoken = \"static-token-1\"\nsigning_secret = \"{SECRET}\"\n\
+         headers = {{ \"X-Api-Key\" = \"key-1\" }}\n"
+    );
+    let conf = format!(
+        "{}\n[optin]\nurl = \"{}\"\nmax_attempts = 1\n{creds}credential_hosts = [\"127.0.0.1:{}\"]\n",
+        http_conf(&own.url, &format!("max_attempts = 1\n{creds}")),
+        own.url,
+        other.port()
+    );
+    let tc = TestConfig::new(&db, &[("http", &conf)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+
+    // An absolute address on another origin goes without the credentials…
+    let abs = send(
+        &c,
+        "http.agent",
+        "default",
+        &format!("{}/abs", other.url),
+        "{}",
+    )
+    .await;
+    wait_state(&c, abs, "submitted", WAIT).await;
+    // …and a redirect from the profile's origin to another is not followed with them.
+    own.set_answer(Answer::Redirect {
+        from: "/moved".into(),
+        to: format!("{}/landing", other.url),
+    });
+    let moved = send(&c, "http.agent", "default", "/moved", "{}").await;
+    failed_with(&c, moved, "redirect-denied").await;
+    let why = error_text(&c, moved).await;
+    assert!(!why.contains("landing"), "no path in the error: {why}");
+    let seen = other.seen();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the absolute request reached it: {seen:?}"
+    );
+    assert_eq!(seen[0].req.path, "/abs");
+    assert_eq!(credentials_in(&seen[0]), Vec::<&str>::new(), "{seen:?}");
+    // The profile's own origin gets them all (and the signature checks out).
+    let mine = own.seen();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        credentials_in(&mine[0]),
+        ["authorization", "x-api-key", "webhook-signature"]
+    );
+    assert_eq!(mine[0].signature_ok, Some(true));
+
+    // A profile that lists the other origin in credential_hosts sends them there, and follows
+    // the redirect.
+    let abs = send(
+        &c,
+        "http.agent",
+        "optin",
+        &format!("{}/abs2", other.url),
+        "{}",
+    )
+    .await;
+    wait_state(&c, abs, "submitted", WAIT).await;
+    let moved = send(&c, "http.agent", "optin", "/moved", "{}").await;
+    wait_state(&c, moved, "submitted", WAIT).await;
+    daemon.stop().await;
+    let seen = other.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[1].req.path, "/abs2");
+    assert_eq!(seen[2].req.path, "/landing");
+    assert_eq!(
+        seen[1].req.headers.get("authorization").map(String::as_str),
+        Some("Bearer static-token-1")
+    );
+    // (reqwest itself drops Authorization when a redirect changes host or port.)
+    for s in &seen[1..] {
+        assert_eq!(s.req.headers["x-api-key"], "key-1");
+        assert!(s.req.headers.contains_key("webhook-signature"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_without_credentials_still_follows_redirects_to_other_origins() {
+    let db = TestDb::new().await;
+    let own = Api::start(None, None).await;
+    let other = Api::start(None, None).await;
+    own.set_answer(Answer::Redirect {
+        from: "/moved".into(),
+        to: format!("{}/landing", other.url),
+    });
+    let tc = TestConfig::new(&db, &[("http", &http_conf(&own.url, "max_attempts = 1"))]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let id = send(&c, "http.agent", "default", "/moved", "{}").await;
+    wait_state(&c, id, "submitted", WAIT).await;
+    daemon.stop().await;
+    assert_eq!(other.seen()[0].req.path, "/landing");
+}

@@ -1,7 +1,7 @@
 //! OAuth2-protected generic API profiles, end to end through the daemon: a local token endpoint
 //! and an API that accepts only the endpoint's live tokens.
 mod common;
-use common::api::{Api, TokenMode, TokenServer};
+use common::api::{reload_until_profile, Api, TokenMode, TokenServer};
 use common::*;
 use std::time::Duration;
 
@@ -285,4 +285,133 @@ async fn refresh_every_bounds_the_age_of_a_token() {
     }
     daemon.stop().await;
     assert_eq!(ts.hits(), 2, "a token older than refresh_every is not used");
+}
+
+/// A profile `name` for `api` with the token from `ts` (client `id`, no scopes); `extra` goes into
+/// the profile, `oauth` into its `oauth2` section.
+fn profile(name: &str, api: &Api, ts: &TokenServer, extra: &str, oauth: &str) -> String {
+    format!(
+        "[{name}]\nurl = \"{}\"\nmax_attempts = 1\ntimeout = \"5s\"\n{extra}\n\
+         [{name}.oauth2]\ntoken_url = \"{}\"\nclient_id = \"id\"\n{oauth}\n",
+        api.url,
+        ts.token_url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_that_differ_only_in_their_secret_or_client_auth_share_no_token() {
+    let db = TestDb::new().await;
+    let ts = TokenServer::start("id", "right", None, None).await;
+    let api = Api::start(Some(&ts), None).await;
+    // Same token_url, client_id and scopes: `a` and `b` differ in the secret, `a` and `c` in the
+    // client authentication.
+    let text = [
+        profile("a", &api, &ts, "", "client_secret = \"right\""),
+        profile("b", &api, &ts, "", "client_secret = \"wrong\""),
+        profile(
+            "c",
+            &api,
+            &ts,
+            "",
+            "client_secret = \"right\"\nclient_auth = \"form\"",
+        ),
+    ]
+    .concat();
+    let tc = TestConfig::new(&db, &[("http", &text)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let a = send(&c, "http.agent", "a", "/a", "{}").await;
+    wait_state(&c, a, "submitted", WAIT).await;
+    let b = send(&c, "http.agent", "b", "/b", "{}").await;
+    wait_state(&c, b, "failed", WAIT).await;
+    let cc = send(&c, "http.agent", "c", "/c", "{}").await;
+    wait_state(&c, cc, "submitted", WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        attempts(&c, b).await,
+        [(1, "failed".into(), Some("token-denied".into()), None)],
+        "b authenticates with its own (wrong) secret, not with a's token"
+    );
+    let auth: Vec<String> = ts
+        .requests()
+        .iter()
+        .map(|r| r.client_auth.clone())
+        .collect();
+    assert_eq!(auth, ["basic", "basic", "form"], "one fetch per credential");
+    let paths: Vec<String> = api.seen().iter().map(|s| s.req.path.clone()).collect();
+    assert_eq!(paths, ["/a", "/c"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_client_and_signing_secrets_takes_effect_on_reload() {
+    const K1: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const K2: &str = "whsec_c2Vjb25kIHNpZ25pbmcga2V5IGZvciBvdXRib3hk";
+    let db = TestDb::new().await;
+    let ts = TokenServer::start("id", "secret-one", None, None).await;
+    let api = Api::start(Some(&ts), Some(K1)).await;
+    let probe = Api::start(None, None).await;
+    let conf = |secret: &str, key: &str, probe_profile: &str| {
+        format!(
+            "{}{probe_profile}",
+            profile(
+                "default",
+                &api,
+                &ts,
+                &format!("signing_secret = \"{key}\""),
+                &format!("client_secret = \"{secret}\"")
+            )
+        )
+    };
+    let tc = TestConfig::new(&db, &[("http", &conf("secret-one", K1, ""))]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    let before = send(&c, "http.agent", "default", "/before", "{}").await;
+    wait_state(&c, before, "submitted", WAIT).await;
+
+    // The provider rotates both secrets (old tokens die with the old client secret); the
+    // operator writes the new ones and sends HUP.
+    ts.set_client_secret("secret-two");
+    ts.revoke_all();
+    api.set_signing_secret(K2);
+    std::fs::write(
+        tc.path("http.conf"),
+        conf(
+            "secret-two",
+            K2,
+            &format!("[probe]\nurl = \"{}\"\n", probe.url),
+        ),
+    )
+    .unwrap();
+    reload_until_profile(&daemon.controls, &c, "probe", WAIT).await;
+    let after = send(&c, "http.agent", "default", "/after", "{}").await;
+    wait_state(&c, after, "submitted", WAIT).await;
+    daemon.stop().await;
+    let reqs = ts.requests();
+    assert_eq!(reqs.len(), 2, "one token per secret: {reqs:?}");
+    let seen = api.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].req.path, "/after");
+    assert_eq!(seen[1].status, 200);
+    assert_eq!(seen[1].signature_ok, Some(true), "signed with the new key");
+    assert!(bearer(&seen[1]).starts_with("Bearer tok-2-"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_token_is_reused_for_most_of_its_life() {
+    let db = TestDb::new().await;
+    let ts = TokenServer::start("id", "s", None, None).await;
+    // 60 s: with a fixed 60 s refresh margin every message fetched a new token.
+    ts.set_expires_in(60);
+    let api = Api::start(Some(&ts), None).await;
+    let text = profile("default", &api, &ts, "", "client_secret = \"s\"");
+    let tc = TestConfig::new(&db, &[("http", &text)]);
+    let daemon = Daemon::start(tc.config.clone());
+    let c = db.client().await;
+    for i in 0..5 {
+        let id = send(&c, "http.agent", "default", &format!("/{i}"), "{}").await;
+        wait_state(&c, id, "submitted", WAIT).await;
+    }
+    daemon.stop().await;
+    assert_eq!(ts.hits(), 1, "one token for five messages");
+    assert_eq!(api.count(), 5);
 }

@@ -357,3 +357,38 @@ async fn omnichannel_posts_the_documented_json_with_a_basic_token() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_follow_a_redirect_to_another_origin() {
+    let db = TestDb::new().await;
+    let m2m = M2mDouble::start("acme", "s3cret", "tok-m2m").await;
+    // The profile's endpoint answers 307 to the real service on another port.
+    let (moved, hits, _r) = common::api::redirector(&m2m.base).await;
+    let conf = format!(
+        "{}{}",
+        profile(
+            "login",
+            &format!("{moved}/m2m/m2m_api.asmx"),
+            "login = \"acme\"\npassword = \"s3cret\"\nmax_attempts = 1"
+        ),
+        profile(
+            "bearer",
+            &format!("{moved}/m2m/m2m_api.asmx"),
+            "token = \"tok-m2m\"\nmax_attempts = 1"
+        )
+    );
+    let (_tc, daemon) = start(&db, &conf);
+    let c = db.client().await;
+    let a = send(&c, "m2m.agent", "login", "79001234567", "hello").await;
+    let b = send(&c, "m2m.agent", "bearer", "79001234567", "hello").await;
+    for id in [a, b] {
+        wait_state(&c, id, "failed", WAIT).await;
+        assert_eq!(
+            attempts(&c, id).await,
+            [(1, "failed".into(), Some("redirect-denied".into()), None)]
+        );
+    }
+    daemon.stop().await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(m2m.count(), 0, "nothing reached the other origin");
+}

@@ -329,3 +329,93 @@ async fn an_order_registered_before_a_crash_makes_the_message_done_with_its_id()
     assert_eq!(sba.calls("getOrderStatusExtended.do").len(), 2);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_the_profile_does_not_list_are_never_called() {
+    let db = TestDb::new().await;
+    let gw = SbaDouble::start("shop-api", "pw", "").await;
+    let conf = format!(
+        "{}{}methods = [\"register.do\", \"refund.do\"]\n",
+        merchant("default", &gw.base),
+        merchant("refunds", &gw.base)
+    );
+    let (_tc, daemon) = start(&db, &conf);
+    let c = db.client().await;
+    let refund = "orderId=6a1e&amount=100";
+    let mut denied = Vec::new();
+    for address in [
+        "/payment/rest/refund.do",
+        "reverse.do",
+        "/payment/rest/refund.do/../register.do",
+        "/payment/rest/%72efund.do",
+    ] {
+        denied.push(send(&c, "sba.agent", "default", address, refund).await);
+    }
+    // The default list has the register and its status call.
+    let status = send(
+        &c,
+        "sba.agent",
+        "default",
+        "getOrderStatusExtended.do",
+        "orderNumber=none",
+    )
+    .await;
+    // A profile that lists refund.do may call it.
+    let listed = send(&c, "sba.agent", "refunds", "refund.do", refund).await;
+    for id in &denied {
+        wait_state(&c, *id, "failed", WAIT).await;
+        let att = attempts(&c, *id).await;
+        assert_eq!(
+            att,
+            [(1, "failed".into(), Some("method-denied".into()), None)],
+            "{id}"
+        );
+    }
+    wait_state(&c, listed, "submitted", WAIT).await;
+    wait_state(&c, status, "failed", WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        attempts(&c, status).await[0].2.as_deref(),
+        Some("sba-6"),
+        "sent: the gateway does not know the order"
+    );
+    let refunds = gw.calls("refund.do");
+    assert_eq!(refunds.len(), 1, "only the listed one: {refunds:?}");
+    assert!(gw.calls("reverse.do").is_empty());
+    assert!(gw.calls("register.do").is_empty());
+    let text: String = c
+        .query_one(
+            "SELECT error_text FROM outbox.attempts WHERE message_id = $1",
+            &[&denied[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        text.contains("refund.do") && text.contains("register.do"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merchant_password_never_follows_a_redirect_to_another_origin() {
+    let db = TestDb::new().await;
+    let gw = SbaDouble::start("shop-api", "pw", "").await;
+    // Another origin (same address, other port) that would register the order.
+    let elsewhere = SbaDouble::start("shop-api", "pw", "").await;
+    gw.redirect_to(&elsewhere.base);
+    let (_tc, daemon) = start(&db, &merchant("default", &gw.base));
+    let c = db.client().await;
+    let id = send(&c, "sba.agent", "default", "", "amount=100").await;
+    wait_state(&c, id, "failed", WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        attempts(&c, id).await,
+        [(1, "failed".into(), Some("redirect-denied".into()), None)]
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "{:?}",
+        elsewhere.requests()
+    );
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use duration::Dur;
-pub use secret::{redact_url, Secret, SecretSource};
+pub use secret::{is_credential_param, redact_url, Secret, SecretSource};
 
 use crate::connector::ConnectorConfig;
 
@@ -248,7 +248,7 @@ impl Config {
         let file = path.display().to_string();
         let mut table: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| ConfigError::new(&file, None, e.to_string()))?;
+            .map_err(|e: toml::de::Error| ConfigError::new(&file, None, toml_syntax(text, &e)))?;
         for key in ENV_KEYS {
             let name = format!("OUTBOXD_{}", key.to_uppercase());
             let value = env(&name).or_else(|| {
@@ -593,7 +593,7 @@ pub fn deserialize_table<T: serde::de::DeserializeOwned>(
 ) -> Result<T, (Option<String>, String)> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path = e.path().to_string();
-        let message = e.into_inner().message().to_string();
+        let message = without_value(e.into_inner().message());
         let mut key = (path != "." && !path.is_empty()).then_some(path);
         // serde reports an unknown field at its parent's path: name the field itself.
         if let Some(field) = message
@@ -608,6 +608,62 @@ pub fn deserialize_table<T: serde::de::DeserializeOwned>(
         }
         (key, message)
     })
+}
+
+/// A TOML syntax error as line, column and message. Not toml's `Display`, which quotes the
+/// offending source line: that line may hold a secret.
+fn toml_syntax(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML syntax error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML syntax error: {message}"),
+    }
+}
+
+/// A serde message without the value it quotes (`invalid type: string "…", expected u32`,
+/// `unknown variant `…``): the value may be a secret written under the wrong key.
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            if let Some(i) = rest.find(", expected") {
+                // serde's `Unexpected` is a kind, then the value in quotes or backticks.
+                let kind = rest[..i].split(['"', '`']).next().unwrap_or("").trim();
+                return format!("{prefix}{kind}{}", &rest[i..]);
+            }
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        if let Some(i) = rest.find("`, expected") {
+            return format!("unknown variant{}", &rest[i + 1..]);
+        }
+    }
+    // Custom `invalid …` messages (`invalid duration "…": …`) quote the value in double quotes.
+    // (Other messages quote what the user must see, such as an unknown smtp `service` name.)
+    if !message.starts_with("invalid ") {
+        return message.to_string();
+    }
+    let mut out = String::new();
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let rest: Vec<&str> = parts.collect();
+    for (i, p) in rest.iter().enumerate() {
+        match (i % 2, i + 1 == rest.len()) {
+            (0, false) => out.push('…'),
+            _ if i % 2 == 0 => {
+                out.push('"');
+                out.push_str(p);
+            }
+            _ => out.push_str(p),
+        }
+    }
+    out
 }
 
 /// Settings every profile has, whatever its connector.
@@ -701,7 +757,7 @@ fn parse_profiles_partial(
             let e: toml::de::Error = e;
             return (
                 Vec::new(),
-                vec![ConfigError::new(file, None, e.to_string())],
+                vec![ConfigError::new(file, None, toml_syntax(text, &e))],
             );
         }
     };

@@ -90,16 +90,51 @@ impl SecretSource {
     }
 }
 
-/// A connection URL with its password replaced by `***`, for logs.
+/// Whether a URL query parameter carries a credential (`password`, `sslpassword`,
+/// `access_token`, `key`, `api_key`, `secret`, `signature`…): its value is never printed.
+pub fn is_credential_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase().replace(['-', '_'], "");
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "sig",
+        "auth",
+        "credential",
+        "session",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// A URL with its password and the values of its credential query parameters
+/// ([`is_credential_param`]) replaced by `***`, for logs (`database_url` may carry
+/// `?password=`). A text that does not parse as a URL (a `key=value` connection string, which
+/// may hold a password too) is not printed at all.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "(unparsable url)".into(),
+    let Ok(mut u) = url::Url::parse(url) else {
+        return "(unparsable url)".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
     }
+    if u.query().is_some() {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if is_credential_param(&k) {
+                    "***".to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 #[cfg(test)]
@@ -126,5 +161,9 @@ mod tests {
             redact_url("postgres://u:hunter2@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
+        let r = redact_url("postgres://u@h/db?sslmode=require&password=hunter3&sslpassword=k3y");
+        assert!(!r.contains("hunter3") && !r.contains("k3y"), "{r}");
+        assert!(r.contains("sslmode=require"), "{r}");
+        assert_eq!(redact_url("host=h password=hunter4"), "(unparsable url)");
     }
 }

@@ -10,7 +10,9 @@
 //! Invariants: the content is checked before any network call (one target, string data values),
 //! so a malformed message fails with `bad-content` without fetching a token; errors are classified
 //! from `error.details[].errorCode` first, then `error.status`, then the HTTP status; `healthcheck`
-//! only re-reads and parses the key. Facts: shared/providers.md §2.7.
+//! only re-reads and parses the key; the private key and the last access tokens are scrubbed
+//! from every error text; requests (token and send) never follow a redirect to another origin
+//! (`redirect-denied`). Facts: shared/providers.md §2.7.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,9 +24,8 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::http::{
-    classify_status, classify_transport, parse_retry_after, read_response, truncate,
-};
+use super::http::{classify_status, parse_retry_after, read_response, truncate};
+use super::redact::{self, Redactor};
 use super::token::{self, TokenCache};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
@@ -95,6 +96,7 @@ pub struct FcmConnector {
     send_url: String,
     cfg: FcmConfig,
     tokens: Arc<TokenCache>,
+    redactor: Redactor,
 }
 
 impl FcmConnector {
@@ -134,15 +136,34 @@ impl FcmConnector {
             .unwrap_or_else(|| DEFAULT_TOKEN_URI.into());
         url::Url::parse(&token_uri).map_err(|e| err("token_uri", format!("invalid URL: {e}")))?;
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        // The bearer token and the signed assertion never follow a redirect to another origin.
         let client = crate::connector::http_client_builder(timeout)
+            .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("endpoint", format!("cannot build the HTTP client: {e}")))?;
-        // One cache per service account; the key id is part of the name so that a rotated key
-        // loaded by a reload does not keep using tokens cached for the old one.
-        let cache_key = format!(
-            "fcm:{}#{}",
-            key.client_email,
-            key.private_key_id.as_deref().unwrap_or("")
+        let mut redactor = Redactor::new();
+        redactor.add(key.private_key.expose());
+        // A PEM's base64 lines, in case a text quotes part of the key.
+        for line in key.private_key.expose().lines() {
+            if line.len() >= 16 && !line.starts_with("-----") {
+                redactor.add(line.trim());
+            }
+        }
+        for u in [endpoint, token_uri.as_str()] {
+            if let Ok(u) = url::Url::parse(u) {
+                redactor.add_url(&u, false);
+            }
+        }
+        // One cache per service-account key: the whole key (hashed) is part of the name, so a
+        // rotated key loaded by a reload never uses tokens cached for the old one.
+        let cache_key = token::credential_key(
+            "fcm",
+            &[
+                &key.client_email,
+                key.private_key_id.as_deref().unwrap_or(""),
+                &token_uri,
+                key.private_key.expose(),
+            ],
         );
         let source = JwtGrant {
             client: client.clone(),
@@ -160,6 +181,7 @@ impl FcmConnector {
             ),
             cfg: cfg.clone(),
             tokens,
+            redactor,
         })
     }
 
@@ -176,7 +198,7 @@ impl FcmConnector {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| classify_transport(&e))?;
+            .map_err(|e| redact::send_error(&e))?;
         read_response(resp, MAX_RESPONSE_BYTES).await
     }
 }
@@ -345,6 +367,19 @@ impl Connector for FcmConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        let r = self.redactor.result(self.deliver_inner(msg).await);
+        self.tokens.redact(r)
+    }
+
+    async fn healthcheck(&self) -> Result<(), DeliveryError> {
+        load_key(&self.cfg)
+            .map(|_| ())
+            .map_err(|m| DeliveryError::permanent("bad-credentials", m))
+    }
+}
+
+impl FcmConnector {
+    async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let body = prepare_body(msg.content_required()?, msg.address.as_deref())?;
         let body = serde_json::to_vec(&body).expect("a JSON value serializes");
         let token = self.tokens.get().await?;
@@ -376,12 +411,6 @@ impl Connector for FcmConnector {
             remote_status: Some(status.as_u16() as i32),
             reply: None,
         })
-    }
-
-    async fn healthcheck(&self) -> Result<(), DeliveryError> {
-        load_key(&self.cfg)
-            .map(|_| ())
-            .map_err(|m| DeliveryError::permanent("bad-credentials", m))
     }
 }
 

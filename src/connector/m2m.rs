@@ -18,6 +18,9 @@
 //! `m2m-<fault in kebab case>` (`m2m-incorrect-password`, `m2m-no-such-subscriber`…); an unknown
 //! fault retries unless its fault code blames the client. Without a fault, HTTP statuses and network
 //! errors follow the house rules of the http connector.
+//!
+//! Secrets: the password (and its MD5) and the token are scrubbed from every error text; requests
+//! never follow a redirect to another origin (`redirect-denied`).
 
 use std::time::Duration;
 
@@ -25,7 +28,8 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
-use super::http::{classify_status, classify_transport, read_response, truncate};
+use super::http::{classify_status, read_response, truncate};
+use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
 
@@ -138,6 +142,7 @@ pub struct M2mConnector {
     naming: String,
     country_code: String,
     max_response_bytes: usize,
+    redactor: Redactor,
 }
 
 impl M2mConnector {
@@ -152,7 +157,9 @@ impl M2mConnector {
             }
             .to_string()
         });
-        url::Url::parse(&url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
+        let parsed = url::Url::parse(&url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
+        let mut redactor = Redactor::new();
+        redactor.add_url(&parsed, false);
         let password = SecretSource::of(&cfg.password, &cfg.password_env, &cfg.password_file)
             .resolve("password")
             .map_err(|m| err("password", m))?;
@@ -166,6 +173,13 @@ impl M2mConnector {
             }
             .to_string()
         });
+        // The password and the MD5 of it that goes on the wire, the token.
+        if let Some(p) = &password {
+            redactor.add(p.expose()).add(&md5_hex(p.expose()));
+        }
+        if let Some(t) = &token {
+            redactor.add(t.expose());
+        }
         let auth = match (cfg.api, &cfg.login, password, token) {
             (_, None, None, Some(t)) => {
                 let mut v = HeaderValue::from_str(&format!("{scheme} {}", t.expose()))
@@ -210,7 +224,9 @@ impl M2mConnector {
             return Err(err("country_code", "must be 0 to 3 digits".into()));
         }
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        // Credentials (header or envelope) never follow a redirect to another origin.
         let client = crate::connector::http_client_builder(timeout)
+            .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
         Ok(M2mConnector {
@@ -223,6 +239,7 @@ impl M2mConnector {
             naming,
             country_code: cfg.country_code.clone(),
             max_response_bytes: cfg.max_response_bytes,
+            redactor,
         })
     }
 
@@ -261,7 +278,7 @@ impl M2mConnector {
         if let Auth::Header(v) = &self.auth {
             req = req.header(AUTHORIZATION, v.clone());
         }
-        let resp = req.send().await.map_err(|e| classify_transport(&e))?;
+        let resp = req.send().await.map_err(|e| redact::send_error(&e))?;
         let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         let status_i = status.as_u16() as i32;
         let elements = match parse_elements(&text) {
@@ -311,7 +328,7 @@ impl M2mConnector {
         if let Auth::Header(v) = &self.auth {
             req = req.header(AUTHORIZATION, v.clone());
         }
-        let resp = req.send().await.map_err(|e| classify_transport(&e))?;
+        let resp = req.send().await.map_err(|e| redact::send_error(&e))?;
         let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &headers));
@@ -340,6 +357,12 @@ impl Connector for M2mConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        self.redactor.result(self.deliver_inner(msg).await)
+    }
+}
+
+impl M2mConnector {
+    async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let content = msg.content_required()?;
         if let Some(env) = detect_envelope(content)? {
             if self.api == M2mApi::Omnichannel {

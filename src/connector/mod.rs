@@ -11,6 +11,7 @@ pub mod fcm;
 pub mod file;
 pub mod http;
 pub mod m2m;
+pub mod redact;
 pub mod sba;
 pub mod smtp;
 pub mod token;

@@ -14,6 +14,12 @@
 //! most 32 characters, see [`order_number`] — checks that `amount` is in kopecks (digits only), and
 //! takes `returnUrl`/`failUrl` from the profile unless the content gives them.
 //!
+//! The address cannot pick any REST method with the merchant's credentials (`refund.do`,
+//! `reverse.do`…): only the methods the profile lists in `methods` are called (default
+//! `register.do` and `getOrderStatusExtended.do`); any other fails with `method-denied` before a
+//! request is made. The status call of the register recovery is the connector's own and always
+//! made. Credentials never follow a redirect to another origin.
+//!
 //! Classification: HTTP statuses and network errors follow the http connector. Sberbank reports
 //! errors in a 200 body: `errorCode` (a string; `ErrorCode` and `error.code` are accepted too),
 //! absent or `"0"` = success. `7` (system error) retries; every other code is permanent as
@@ -29,7 +35,8 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::http::{classify_status, classify_transport, read_response, truncate};
+use super::http::{classify_status, read_response, truncate};
+use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
 
@@ -41,6 +48,9 @@ pub const TEST_URL: &str = "https://3dsec.sberbank.ru";
 pub const DEFAULT_PATH: &str = "/payment/rest/register.do";
 /// The longest `orderNumber` Sberbank accepts (ANS..32).
 pub const MAX_ORDER_NUMBER: usize = 32;
+/// The methods a profile may call when it lists none: a register and the status call that makes
+/// re-registration idempotent.
+pub const DEFAULT_METHODS: &[&str] = &["register.do", "getOrderStatusExtended.do"];
 
 /// An `sba` profile.
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +80,11 @@ pub struct SbaConfig {
     pub return_url: Option<String>,
     /// `failUrl` of register requests whose content has none (absolute URL). Optional.
     pub fail_url: Option<String>,
+    /// REST methods (the last segment of the address, e.g. `registerPreAuth.do`) that messages
+    /// may call with the profile's credentials; others fail with `method-denied`, unsent.
+    /// Default `["register.do", "getOrderStatusExtended.do"]`.
+    #[serde(default = "default_methods")]
+    pub methods: Vec<String>,
     /// Bytes of the response body read. Default 65536.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
@@ -80,6 +95,9 @@ pub struct SbaConfig {
 fn default_max_response() -> usize {
     65536
 }
+fn default_methods() -> Vec<String> {
+    DEFAULT_METHODS.iter().map(|m| m.to_string()).collect()
+}
 
 pub struct SbaConnector {
     name: String,
@@ -89,7 +107,10 @@ pub struct SbaConnector {
     credentials: Vec<(&'static str, Secret)>,
     return_url: Option<String>,
     fail_url: Option<String>,
+    /// `methods`, lower case.
+    methods: Vec<String>,
     max_response_bytes: usize,
+    redactor: Redactor,
 }
 
 impl SbaConnector {
@@ -101,13 +122,19 @@ impl SbaConnector {
             .base_url
             .clone()
             .unwrap_or_else(|| if cfg.test { TEST_URL } else { PRODUCTION_URL }.to_string());
-        url::Url::parse(&base).map_err(|e| err("base_url", format!("invalid URL: {e}")))?;
+        let parsed =
+            url::Url::parse(&base).map_err(|e| err("base_url", format!("invalid URL: {e}")))?;
+        let mut redactor = Redactor::new();
+        redactor.add_url(&parsed, false);
         let password = SecretSource::of(&cfg.password, &cfg.password_env, &cfg.password_file)
             .resolve("password")
             .map_err(|m| err("password", m))?;
         let token = SecretSource::of(&cfg.token, &cfg.token_env, &cfg.token_file)
             .resolve("token")
             .map_err(|m| err("token", m))?;
+        for s in [&password, &token].into_iter().flatten() {
+            redactor.add(s.expose());
+        }
         let credentials = match (&cfg.user_name, password, token) {
             (Some(u), Some(p), None) => vec![("userName", Secret::new(u.clone())), ("password", p)],
             (None, None, Some(t)) => vec![("token", t)],
@@ -125,8 +152,24 @@ impl SbaConnector {
                 check_absolute(u).map_err(|m| err(key, m))?;
             }
         }
+        let mut methods = Vec::new();
+        for m in &cfg.methods {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.') {
+                return Err(err(
+                    "methods",
+                    format!(
+                        "\"{}\" is not a method name such as register.do",
+                        truncate(m, 64)
+                    ),
+                ));
+            }
+            methods.push(m.to_ascii_lowercase());
+        }
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        // The form carries the merchant's password: never to another origin (a 307/308 would
+        // resend it).
         let client = crate::connector::http_client_builder(timeout)
+            .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("base_url", format!("cannot build the HTTP client: {e}")))?;
         Ok(SbaConnector {
@@ -136,7 +179,9 @@ impl SbaConnector {
             credentials,
             return_url: cfg.return_url.clone(),
             fail_url: cfg.fail_url.clone(),
+            methods,
             max_response_bytes: cfg.max_response_bytes,
+            redactor,
         })
     }
 
@@ -167,7 +212,7 @@ impl SbaConnector {
             .body(body)
             .send()
             .await
-            .map_err(|e| classify_transport(&e))?;
+            .map_err(|e| redact::send_error(&e))?;
         let (status, headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &headers));
@@ -312,7 +357,39 @@ impl Connector for SbaConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        self.redactor.result(self.deliver_inner(msg).await)
+    }
+}
+
+impl SbaConnector {
+    /// Refuses a path whose method the profile does not list, or that could reach another method
+    /// than its last segment names (dot segments, escapes, parameters).
+    fn check_method(&self, path: &str) -> Result<(), DeliveryError> {
+        let method = method_name(path).to_ascii_lowercase();
+        let odd = path
+            .split('/')
+            .any(|s| s == "." || s == ".." || s.contains(['%', ';', '\\']))
+            || path
+                .split('/')
+                .rev()
+                .skip(1)
+                .any(|s| s.to_ascii_lowercase().ends_with(".do"));
+        if odd || !self.methods.contains(&method) {
+            return Err(DeliveryError::permanent(
+                "method-denied",
+                format!(
+                    "method \"{}\" is not in the profile's methods ({}); nothing was sent",
+                    truncate(method_name(path), 64),
+                    self.methods.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let path = request_path(msg.address.as_deref())?;
+        self.check_method(&path)?;
         let mut params = parse_params(msg.content.as_deref().unwrap_or_default())?;
         // The profile's credentials win; they are sent first by `call`.
         params.retain(|(k, _)| !matches!(k.as_str(), "userName" | "password" | "token"));

@@ -99,6 +99,16 @@ impl TokenServer {
         self.state.lock().unwrap().delay = d;
     }
 
+    /// From now on only `secret` authenticates the client (a rotated secret).
+    pub fn set_client_secret(&self, secret: &str) {
+        self.state.lock().unwrap().client_secret = secret.into();
+    }
+
+    /// The `expires_in` of the tokens issued from now on (default 3600).
+    pub fn set_expires_in(&self, secs: u64) {
+        self.state.lock().unwrap().expires_in = secs;
+    }
+
     /// Revokes every token issued so far (the API answers 401 to them from now on).
     pub fn revoke_all(&self) {
         self.state.lock().unwrap().live.clear();
@@ -275,6 +285,12 @@ impl Api {
         }
     }
 
+    /// From now on only signatures made with `secret` (`whsec_…`) check out (a rotated secret).
+    pub fn set_signing_secret(&self, secret: &str) {
+        self.state.lock().unwrap().signing_key =
+            Some(B64.decode(secret.trim_start_matches("whsec_")).unwrap());
+    }
+
     pub fn set_answer(&self, a: Answer) {
         self.state.lock().unwrap().answer = a;
     }
@@ -413,4 +429,54 @@ async fn api(
         signature_ok,
     });
     resp
+}
+
+/// Asks the daemon to reload its profiles (as SIGHUP does) and waits until the reload is in: the
+/// new files add the http profile `probe`, and messages to it fail with `unknown-profile` until
+/// the daemon knows it.
+pub async fn reload_until_profile(
+    controls: &outboxd::Controls,
+    c: &tokio_postgres::Client,
+    probe: &str,
+    timeout: Duration,
+) {
+    controls.reload.notify_one();
+    super::wait_for(
+        timeout,
+        &format!("the reload that adds profile {probe}"),
+        || async {
+            let id = super::send(c, "http.agent", probe, "/probe", "{}").await;
+            let state = super::wait_for(timeout, "the probe's outcome", || async {
+                let s = super::state_of(c, id).await;
+                matches!(s.as_str(), "submitted" | "failed").then_some(s)
+            })
+            .await;
+            (state == "submitted").then_some(())
+        },
+    )
+    .await
+}
+
+/// A server on 127.0.0.1:0 (another origin than every other double) that answers every request
+/// with `307 Location: <to><path and query>`, as a provider that moved would; returns its base URL
+/// and the number of requests it answered.
+pub async fn redirector(
+    to: &str,
+) -> (
+    String,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<tokio::sync::oneshot::Sender<()>>,
+) {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (to, h) = (to.to_string(), hits.clone());
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let location = format!(
+            "{to}{}",
+            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move { (StatusCode::TEMPORARY_REDIRECT, [("location", location)], "").into_response() }
+    });
+    let (url, tx) = serve(app).await;
+    (url, hits, tx)
 }

@@ -9,7 +9,11 @@
 //! - `POST /payment/rest/getOrderStatusExtended.do`: by `orderNumber` or `orderId`; answers the
 //!   documented shape with the order id in `attributes[name=mdOrder]`, or errorCode 6 when unknown.
 //!
-//! Scripted trouble applies to register requests in arrival order.
+//! - `POST /payment/rest/refund.do` and `reverse.do`: authorised requests succeed
+//!   (`{"errorCode":"0"}`), so a call the daemon should never make would go through.
+//!
+//! Scripted trouble applies to register requests in arrival order; [`SbaDouble::redirect_to`]
+//! makes every request answer 307 to another server (a gateway that "moved").
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -55,6 +59,7 @@ struct State {
     orders: HashMap<String, Order>,
     script: VecDeque<SbaTrouble>,
     requests: Vec<SbaRequest>,
+    redirect: Option<String>,
 }
 
 #[derive(Clone)]
@@ -99,6 +104,11 @@ impl SbaDouble {
             state,
             _shutdown: tx,
         }
+    }
+
+    /// Every request from now on answers `307 Location: <base><path>`.
+    pub fn redirect_to(&self, base: &str) {
+        self.state.lock().unwrap().redirect = Some(base.into());
     }
 
     pub fn script(&self, troubles: &[SbaTrouble]) {
@@ -162,6 +172,10 @@ fn handle(
     body: &str,
 ) -> Response {
     let mut s = st.lock().unwrap();
+    if let Some(to) = &s.redirect {
+        let location = format!("{to}{path}");
+        return (StatusCode::TEMPORARY_REDIRECT, [("location", location)], "").into_response();
+    }
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -179,6 +193,10 @@ fn handle(
         match path {
             "/payment/rest/register.do" => register(&mut s, base, &params),
             "/payment/rest/getOrderStatusExtended.do" => status(&s, &params),
+            "/payment/rest/refund.do" | "/payment/rest/reverse.do" if authorised(&s, &params) => (
+                StatusCode::OK,
+                json!({"errorCode": "0", "errorMessage": "Успешно"}).to_string(),
+            ),
             _ => (StatusCode::NOT_FOUND, "no such method".into()),
         }
     };

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::{retryable_status, FcmConfig, MAX_RESPONSE_BYTES};
 use crate::config::Secret;
-use crate::connector::http::{classify_transport, parse_retry_after, read_limited, truncate};
+use crate::connector::http::{parse_retry_after, read_limited, truncate};
+use crate::connector::redact;
 use crate::connector::token::{Token, TokenSource};
 use crate::connector::DeliveryError;
 
@@ -158,7 +159,11 @@ impl TokenSource for JwtGrant {
 }
 
 fn token_transport(e: &reqwest::Error) -> DeliveryError {
-    let inner = classify_transport(e);
+    let inner = redact::send_error(e);
+    if !inner.is_retry() {
+        // A token endpoint that redirects elsewhere: an operator must fix token_uri.
+        return inner;
+    }
     DeliveryError::retry(
         "token-fetch",
         format!("token endpoint: {}: {}", inner.code(), inner.reason()),

@@ -13,10 +13,20 @@
 //! optional Standard Webhooks signing ([`sign`]), and a host allowlist enforced at connect time
 //! ([`allow`]) so that a message cannot make the daemon call internal services. Response bodies
 //! are read up to `max_response_bytes` (error texts up to 256 bytes), whatever the server sends.
+//!
+//! Secrets (invariants): the credentials — `Authorization` (token or OAuth2), the signature and
+//! the profile's `headers` — go only to the origin of `url` and to `credential_hosts`; a redirect
+//! that would carry them elsewhere, or from https to http, is refused (`redirect-denied`). Every
+//! result passes through the profile's [`Redactor`] (token, secrets, secret-looking headers, the
+//! credential parts of `url`, all of its path with `url_secret`) and the token cache's, so no
+//! error text, log line or reply holds a secret. A GET, HEAD, DELETE or OPTIONS without content
+//! has no body, so it needs no JSON.
 
 pub mod allow;
 pub mod oauth;
 pub mod sign;
+
+pub use super::redact::transport_error as classify_transport;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +39,7 @@ use reqwest::header::{
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
+use super::redact::{self, Redactor};
 use super::token::TokenCache;
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
@@ -92,6 +103,18 @@ pub struct HttpConfig {
     /// `*.suffix` wildcards, IP addresses, CIDRs. Default empty (any public host).
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// Hosts besides the profile's own (`host` for any port, or `host:port`) that receive the
+    /// profile's credentials — `Authorization` (token or OAuth2), the signature headers and
+    /// `headers` — on an absolute `address` or a redirect. Elsewhere a request goes without them
+    /// and a redirect that would carry them is refused (`redirect-denied`). Default empty.
+    #[serde(default)]
+    pub credential_hosts: Vec<String>,
+    /// The path and query of `url` are a credential (a Slack or Teams webhook path): they are
+    /// replaced by `***` in every error text and log line. A password in `url`, Telegram's
+    /// `/bot<token>/` and credential query parameters (`access_token`, `key`, `token`,
+    /// `signature`…) are redacted anyway. Default false.
+    #[serde(default)]
+    pub url_secret: bool,
 }
 
 fn default_method() -> String {
@@ -124,11 +147,105 @@ pub struct HttpConnector {
     oauth: Option<(Arc<TokenCache>, String)>,
     signer: Option<Signer>,
     method: Method,
+    /// `Content-Type`: sent with every request that has a body.
+    content_type: HeaderValue,
+    /// The profile's `headers` and static `Authorization`: credentials, sent only to
+    /// [`Self::credential_origins`].
     headers: HeaderMap,
+    /// Origins that receive the credentials: the profile's own and `credential_hosts`.
+    credential_origins: Arc<CredentialOrigins>,
     idempotency_header: Option<HeaderName>,
     validate_json: bool,
     store_reply: bool,
     max_response_bytes: usize,
+    redactor: Redactor,
+}
+
+/// The origins an `http` profile's credentials may go to.
+#[derive(Debug, Default)]
+struct CredentialOrigins {
+    /// `scheme://host:port` of the profile's URL.
+    own: String,
+    /// `credential_hosts`: (host, port or any).
+    extra: Vec<(String, Option<u16>)>,
+    /// Whether the profile has credentials at all; without, redirects follow the allowlist only.
+    any: bool,
+}
+
+impl CredentialOrigins {
+    fn admits(&self, u: &url::Url) -> bool {
+        if redact::origin(u) == self.own {
+            return true;
+        }
+        // A profile on https never sends its credentials in clear, not even to credential_hosts.
+        if self.own.starts_with("https:") && u.scheme() != "https" {
+            return false;
+        }
+        let host = u.host_str().unwrap_or("").to_ascii_lowercase();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.extra
+            .iter()
+            .any(|(h, p)| h == host && p.map_or(true, |p| Some(p) == u.port_or_known_default()))
+    }
+
+    /// Whether a redirect from the request's first URL to `next` may be followed: a request that
+    /// carried credentials is only redirected to an origin that may have them, never from https
+    /// to http.
+    fn check_redirect(
+        &self,
+        first: &url::Url,
+        next: &url::Url,
+    ) -> Result<(), redact::RedirectRefused> {
+        if !self.any || !self.admits(first) {
+            return Ok(());
+        }
+        let downgrade = first.scheme() == "https" && next.scheme() != "https";
+        if self.admits(next) && !downgrade {
+            Ok(())
+        } else {
+            Err(redact::RedirectRefused {
+                to: redact::origin(next),
+                from: redact::origin(first),
+            })
+        }
+    }
+}
+
+/// `credential_hosts` entries: `host` or `host:port` (IPv6 in brackets).
+fn parse_credential_hosts(list: &[String]) -> Result<Vec<(String, Option<u16>)>, String> {
+    list.iter()
+        .map(|raw| {
+            let s = raw.trim().to_ascii_lowercase();
+            let parsed = url::Url::parse(&format!("http://{s}/"))
+                .ok()
+                .filter(|u| u.path() == "/" && u.username().is_empty() && u.query().is_none());
+            let u = parsed.ok_or_else(|| format!("\"{raw}\" is not a host or host:port"))?;
+            let host = u.host_str().unwrap_or("");
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let explicit_port = s
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                && !(s.starts_with('[') && s.ends_with(']'));
+            Ok((
+                host,
+                if explicit_port {
+                    u.port_or_known_default()
+                } else {
+                    None
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Whether a header of `headers` carries a credential (`Authorization`, `X-Api-Key`, `Cookie`…):
+/// marked sensitive and scrubbed from texts.
+fn is_secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("cookie") || crate::config::is_credential_param(&n)
 }
 
 impl HttpConnector {
@@ -146,19 +263,22 @@ impl HttpConnector {
         }
         let method = Method::from_bytes(cfg.method.to_uppercase().as_bytes())
             .map_err(|_| err("method", format!("invalid method \"{}\"", cfg.method)))?;
+        let mut redactor = Redactor::new();
+        redactor.add_url(&base_url, cfg.url_secret);
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
             let name = HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| err("headers", format!("invalid header name \"{k}\"")))?;
-            let value = HeaderValue::from_str(v)
+            let mut value = HeaderValue::from_str(v)
                 .map_err(|_| err("headers", format!("invalid value for header \"{k}\"")))?;
+            if is_secret_header(k) {
+                value.set_sensitive(true);
+                redactor.add(v);
+            }
             headers.insert(name, value);
         }
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_str(&cfg.content_type)
-                .map_err(|_| err("content_type", "invalid content type".into()))?,
-        );
+        let content_type = HeaderValue::from_str(&cfg.content_type)
+            .map_err(|_| err("content_type", "invalid content type".into()))?;
         let token = SecretSource::of(&cfg.token, &cfg.token_env, &cfg.token_file)
             .resolve("token")
             .map_err(|m| err("token", m))?;
@@ -169,7 +289,8 @@ impl HttpConnector {
                     .into(),
             ));
         }
-        if let Some(t) = token {
+        if let Some(t) = &token {
+            redactor.add(t.expose());
             let mut v = HeaderValue::from_str(&format!("{} {}", cfg.auth_scheme, t.expose()))
                 .map_err(|_| err("token", "token is not a valid header value".into()))?;
             v.set_sensitive(true);
@@ -188,16 +309,34 @@ impl HttpConnector {
             Policy::new(&base_url, cfg.allow_private, &cfg.allowed_hosts)
                 .map_err(|m| err("allowed_hosts", m))?,
         );
+        let credential_origins = Arc::new(CredentialOrigins {
+            own: redact::origin(&base_url),
+            extra: parse_credential_hosts(&cfg.credential_hosts)
+                .map_err(|m| err("credential_hosts", m))?,
+            any: token.is_some()
+                || cfg.oauth2.is_some()
+                || cfg.signing_secret.is_some()
+                || cfg.signing_secret_env.is_some()
+                || cfg.signing_secret_file.is_some()
+                || !cfg.headers.is_empty(),
+        });
         let redirect_policy = policy.clone();
+        let redirect_origins = credential_origins.clone();
         let client = crate::connector::http_client_builder(timeout)
             // Names are checked where they are resolved for the connection (no rebinding window)…
             .dns_resolver(Arc::new(allow::Guard(policy.clone())))
-            // …and IP-literal redirect targets, which never reach the resolver, here.
+            // …and IP-literal redirect targets, which never reach the resolver, here; credentials
+            // never follow a redirect to an origin that may not have them.
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                let first = attempt.previous().first().cloned();
                 if attempt.previous().len() >= 10 {
                     attempt.error("too many redirects")
                 } else if let Err(denied) = redirect_policy.check_url(attempt.url()) {
                     attempt.error(denied)
+                } else if let Some(Err(refused)) =
+                    first.map(|f| redirect_origins.check_redirect(&f, attempt.url()))
+                {
+                    attempt.error(refused)
                 } else {
                     attempt.follow()
                 }
@@ -206,21 +345,25 @@ impl HttpConnector {
             .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
         let oauth = match &cfg.oauth2 {
             Some(o) => Some((
-                oauth::cache_for(o, timeout).map_err(|m| err("oauth2", m))?,
+                oauth::cache_for(o, timeout, &mut redactor).map_err(|m| err("oauth2", m))?,
                 cfg.auth_scheme.clone(),
             )),
             None => None,
         };
-        let signer = SecretSource::of(
+        let signing_secret = SecretSource::of(
             &cfg.signing_secret,
             &cfg.signing_secret_env,
             &cfg.signing_secret_file,
         )
         .resolve("signing_secret")
-        .map_err(|m| err("signing_secret", m))?
-        .map(|s| Signer::new(&s))
-        .transpose()
         .map_err(|m| err("signing_secret", m))?;
+        if let Some(s) = &signing_secret {
+            redactor.add(s.expose());
+        }
+        let signer = signing_secret
+            .map(|s| Signer::new(&s))
+            .transpose()
+            .map_err(|m| err("signing_secret", m))?;
         Ok(HttpConnector {
             name: format!("http/{profile}"),
             client,
@@ -231,13 +374,16 @@ impl HttpConnector {
             oauth,
             signer,
             method,
+            content_type,
             headers,
+            credential_origins,
             idempotency_header,
             validate_json: cfg
                 .validate_json
                 .unwrap_or_else(|| cfg.content_type.to_ascii_lowercase().contains("json")),
             store_reply: cfg.store_reply,
             max_response_bytes: cfg.max_response_bytes,
+            redactor,
         })
     }
 
@@ -317,26 +463,6 @@ pub fn classify_status(status: StatusCode, body: &str, headers: &HeaderMap) -> D
     }
 }
 
-/// A transport failure (no status): always retryable.
-pub fn classify_transport(e: &reqwest::Error) -> DeliveryError {
-    let code = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "network"
-    };
-    // reqwest's Display omits the cause; the chain says what happened.
-    let mut reason = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        src = s.source();
-    }
-    DeliveryError::retry(code, reason)
-}
-
 /// At most `max` bytes of `s`, cut at a character boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -356,9 +482,28 @@ impl Connector for HttpConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        // Whatever a provider echoes, and whatever URL an error names, no secret leaves.
+        let r = self.redactor.result(self.deliver_inner(msg).await);
+        match &self.oauth {
+            Some((cache, _)) => cache.redact(r),
+            None => r,
+        }
+    }
+}
+
+impl HttpConnector {
+    async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let url = self.url_for(msg)?;
+        let method = self.method_for(msg);
         let body = msg.content.clone().unwrap_or_default();
-        if self.validate_json {
+        // A GET, HEAD, DELETE or OPTIONS with no content is a request without a body (RFC 9110
+        // §9.3): nothing to validate, no Content-Type.
+        let bodiless = body.is_empty()
+            && matches!(
+                method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            );
+        if self.validate_json && !bodiless {
             if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
                 return Err(DeliveryError::permanent(
                     "bad-content",
@@ -366,7 +511,16 @@ impl Connector for HttpConnector {
                 ));
             }
         }
-        let mut headers = self.headers.clone();
+        // Credentials go to the profile's own origin and to `credential_hosts` only.
+        let credentials = self.credential_origins.admits(&url);
+        let mut headers = if credentials {
+            self.headers.clone()
+        } else {
+            HeaderMap::new()
+        };
+        if !bodiless {
+            headers.insert(CONTENT_TYPE, self.content_type.clone());
+        }
         let code = HeaderValue::from_str(&msg.code).map_err(|_| {
             DeliveryError::permanent("bad-code", "the message code is not a valid header value")
         })?;
@@ -377,7 +531,7 @@ impl Connector for HttpConnector {
             })?;
             headers.insert(h.clone(), v);
         }
-        if let Some(signer) = &self.signer {
+        if let Some(signer) = self.signer.as_ref().filter(|_| credentials) {
             for (name, value) in signer.headers(&msg.code, body.as_bytes()) {
                 let v = if name == "webhook-id" {
                     code.clone()
@@ -387,8 +541,9 @@ impl Connector for HttpConnector {
                 headers.insert(name, v);
             }
         }
-        let method = self.method_for(msg);
-        let resp = match &self.oauth {
+        let body = (!bodiless).then_some(body);
+        let oauth = self.oauth.as_ref().filter(|_| credentials);
+        let resp = match oauth {
             None => self.send(&method, &url, headers, &body).await?,
             Some((cache, scheme)) => {
                 let token = cache.get().await?;
@@ -444,15 +599,16 @@ impl HttpConnector {
         method: &Method,
         url: &url::Url,
         headers: HeaderMap,
-        body: &str,
+        body: &Option<String>,
     ) -> Result<reqwest::Response, DeliveryError> {
-        self.client
+        let mut req = self
+            .client
             .request(method.clone(), url.clone())
-            .headers(headers)
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| classify_send(&e))
+            .headers(headers);
+        if let Some(b) = body {
+            req = req.body(b.clone());
+        }
+        req.send().await.map_err(|e| classify_send(&e))
     }
 }
 
@@ -475,7 +631,7 @@ fn with_token(
 fn classify_send(e: &reqwest::Error) -> DeliveryError {
     match allow::is_denied(e) {
         Some(d) => denied(d.clone()),
-        None => classify_transport(e),
+        None => redact::send_error(e),
     }
 }
 
@@ -679,6 +835,57 @@ mod tests {
             "host-denied"
         );
         assert_eq!(url("http://[fd00::1]/").unwrap_err().code(), "host-denied");
+    }
+
+    #[test]
+    fn credentials_go_to_the_own_origin_and_credential_hosts_only() {
+        let c = build(
+            "url = \"https://api.example.com/v1\"\ntoken = \"t0ken\"\n\
+             credential_hosts = [\"files.example.com\", \"10.0.0.5:8443\", \"[::1]\"]\n",
+        )
+        .unwrap();
+        let o = &c.credential_origins;
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert!(o.any);
+        for yes in [
+            "https://api.example.com/x",
+            "https://api.example.com:443/x",
+            "https://files.example.com:9000/x",
+            "https://10.0.0.5:8443/",
+            "https://[::1]:1/",
+        ] {
+            assert!(o.admits(&u(yes)), "{yes}");
+        }
+        for no in [
+            "http://api.example.com/x",
+            "https://api.example.com:8443/x",
+            "https://other.example.com/",
+            "http://files.example.com/",
+            "https://10.0.0.5/",
+        ] {
+            assert!(!o.admits(&u(no)), "{no}");
+        }
+        let first = u("https://api.example.com/a");
+        assert!(o
+            .check_redirect(&first, &u("https://api.example.com/b"))
+            .is_ok());
+        assert!(o
+            .check_redirect(&first, &u("https://files.example.com/b"))
+            .is_ok());
+        assert!(o
+            .check_redirect(&first, &u("https://evil.example/b"))
+            .is_err());
+        assert!(o
+            .check_redirect(&first, &u("http://api.example.com/b"))
+            .is_err());
+        // A request that carried no credentials is redirected as the allowlist says.
+        assert!(o
+            .check_redirect(&u("https://other.example/"), &u("https://evil.example/"))
+            .is_ok());
+        let e = build("url = \"https://a.example\"\ncredential_hosts = [\"a.example/x\"]\n")
+            .err()
+            .unwrap();
+        assert_eq!(e.key.as_deref(), Some("p.credential_hosts"));
     }
 
     #[test]

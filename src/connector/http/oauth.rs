@@ -2,8 +2,10 @@
 //! (RFC 6749 §4.4), fetched with the `oauth2` crate and cached through the shared
 //! [`TokenCache`](crate::connector::token::TokenCache).
 //!
-//! Invariants: one cache per (token URL, client id, scopes, audience), shared by every profile
-//! that names the same credential; tokens are [`Secret`]s and never logged; the token endpoint is
+//! Invariants: one cache per credential — token URL, client id, client authentication, scopes,
+//! audience and a SHA-256 of the client secret (never the secret itself) — shared by every profile
+//! that names the same credential, so two profiles that differ only in their secret never share a
+//! token, and a rotated secret loaded by a reload gets a cache of its own; tokens are [`Secret`]s and never logged; the token endpoint is
 //! called without following redirects (the crate's advice, so a token request cannot be bounced
 //! elsewhere) and its answer is read up to [`MAX_TOKEN_RESPONSE`] bytes. Endpoint errors are
 //! classified as RFC 6749 §5.2 suggests: `invalid_client`, `unauthorized_client`, `invalid_scope`
@@ -27,6 +29,7 @@ use serde::Deserialize;
 
 use super::{classify_transport, read_limited, truncate};
 use crate::config::{Dur, Secret, SecretSource};
+use crate::connector::redact::Redactor;
 use crate::connector::token::{self, Token, TokenCache, TokenSource};
 use crate::connector::DeliveryError;
 
@@ -70,8 +73,13 @@ pub enum ClientAuth {
     Form,
 }
 
-/// The token cache of a profile's credential, or a message for the config error.
-pub fn cache_for(cfg: &OAuth2Config, timeout: Duration) -> Result<Arc<TokenCache>, String> {
+/// The token cache of a profile's credential, or a message for the config error. The client
+/// secret and the credential parts of the token URL are added to `redactor`.
+pub fn cache_for(
+    cfg: &OAuth2Config,
+    timeout: Duration,
+    redactor: &mut Redactor,
+) -> Result<Arc<TokenCache>, String> {
     let token_url =
         TokenUrl::new(cfg.token_url.clone()).map_err(|e| format!("token_url: invalid URL: {e}"))?;
     if !matches!(token_url.url().scheme(), "http" | "https") {
@@ -87,6 +95,8 @@ pub fn cache_for(cfg: &OAuth2Config, timeout: Duration) -> Result<Arc<TokenCache
     )
     .resolve("client_secret")?
     .ok_or("one of client_secret, client_secret_env, client_secret_file is required")?;
+    redactor.add(secret.expose());
+    redactor.add_url(token_url.url(), false);
     let http = crate::connector::http_client_builder(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -94,15 +104,21 @@ pub fn cache_for(cfg: &OAuth2Config, timeout: Duration) -> Result<Arc<TokenCache
     let max_age = cfg
         .refresh_every
         .map_or(Duration::from_secs(55 * 60), |d| d.0);
-    let mut key = format!("oauth2:{}:{}", cfg.token_url, cfg.client_id);
-    // Tokens for other scopes or audiences are other tokens.
-    if !cfg.scopes.is_empty() || cfg.audience.is_some() {
-        key.push_str(&format!(
-            ":{}:{}",
-            cfg.scopes.join(" "),
-            cfg.audience.as_deref().unwrap_or("")
-        ));
-    }
+    // Everything that authenticates, and everything that makes another token (scopes, audience).
+    let key = token::credential_key(
+        "oauth2",
+        &[
+            cfg.token_url.as_str(),
+            &cfg.client_id,
+            match cfg.client_auth {
+                ClientAuth::Basic => "basic",
+                ClientAuth::Form => "form",
+            },
+            &cfg.scopes.join(" "),
+            cfg.audience.as_deref().unwrap_or(""),
+            secret.expose(),
+        ],
+    );
     let source = OAuth2Source {
         token_url,
         client_id: cfg.client_id.clone(),
@@ -147,7 +163,7 @@ impl TokenSource for OAuth2Source {
             req = req.add_extra_param("audience", aud.clone());
         }
         let resp = req.request_async(&self.http).await.map_err(classify)?;
-        tracing::debug!(token_url = %self.token_url.as_str(), client_id = %self.client_id, expires_in = ?resp.expires_in(), "fetched an OAuth2 token");
+        tracing::debug!(token_url = %crate::config::redact_url(self.token_url.as_str()), client_id = %self.client_id, expires_in = ?resp.expires_in(), "fetched an OAuth2 token");
         Ok(Token {
             value: Secret::new(resp.access_token().secret().clone()),
             // No expires_in (it is only RECOMMENDED, RFC 6749 §5.1): live until refresh_every.
@@ -182,7 +198,7 @@ impl<'c> AsyncHttpClient<'c> for TokenHttp {
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
             let req = reqwest::Request::try_from(request)
-                .map_err(|e| TokenHttpError::Build(e.to_string()))?;
+                .map_err(|e| TokenHttpError::Build(e.without_url().to_string()))?;
             let resp = self
                 .0
                 .execute(req)

@@ -108,3 +108,40 @@ fn config_picks_the_host_and_needs_credentials() {
     assert!(build("token = \"t\"\nreturn_url = \"/relative\"").is_err());
     assert!(toml::from_str::<SbaConfig>("userName = \"u\"").is_err());
 }
+
+#[test]
+fn only_listed_methods_pass_and_the_list_is_checked() {
+    let build = |extra: &str| {
+        let cfg: SbaConfig = toml::from_str(&format!(
+            "base_url = \"https://gw.example\"\ntoken = \"tok-secret\"\n{extra}"
+        ))
+        .unwrap();
+        SbaConnector::new("p", &cfg)
+    };
+    let c = build("").unwrap();
+    let ok = |p: &str| c.check_method(p).is_ok();
+    assert!(ok("/payment/rest/register.do"));
+    assert!(ok("/payment/rest/REGISTER.do"));
+    assert!(ok("/payment/rest/getOrderStatusExtended.do"));
+    for denied in [
+        "/payment/rest/refund.do",
+        "/payment/rest/reverse.do",
+        "/payment/rest/registerPreAuth.do",
+        "/payment/rest/refund.do/register.do",
+        "/payment/rest/../rest/register.do",
+        "/payment/rest/%72egister.do",
+        "/payment/rest/register.do;x",
+    ] {
+        let e = c.check_method(denied).unwrap_err();
+        assert_eq!(
+            (e.code(), e.is_retry()),
+            ("method-denied", false),
+            "{denied}"
+        );
+    }
+    let c = build("methods = [\"registerPreAuth.do\"]").unwrap();
+    assert!(c.check_method("/payment/rest/registerPreAuth.do").is_ok());
+    assert!(c.check_method("/payment/rest/register.do").is_err());
+    let e = build("methods = [\"refund.do?x=1\"]").err().unwrap();
+    assert_eq!(e.key.as_deref(), Some("p.methods"));
+}
