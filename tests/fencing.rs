@@ -617,7 +617,9 @@ async fn daemon_behind_proxy(
 async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
     let db = TestDb::new().await;
     let rx = Receiver::start(Behaviour::Ok("{}".into())).await;
-    let (d, pause) = daemon_behind_proxy(&db, &rx, Duration::from_millis(400)).await;
+    // Long enough that no call times out under load before the pause (a connection opened during
+    // the pause is not stalled), short enough for the claim to time out soon after it.
+    let (d, pause) = daemon_behind_proxy(&db, &rx, Duration::from_millis(1500)).await;
     let c = db.client().await;
 
     pause.send_replace(true);
