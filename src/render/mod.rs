@@ -183,3 +183,95 @@ pub fn check(name: &str, kind: Kind, subject: Option<&str>, body: &str) -> Resul
     }
     text::check(name, "body", kind, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(file: &str, kind: &str, subject: Option<&str>, body: &str, vars: &str) -> Rendered {
+        render(&Job {
+            template: Template {
+                name: file.into(),
+                kind: kind.into(),
+                version: 1,
+                subject: subject.map(str::to_string),
+                body: body.into(),
+            },
+            vars: serde_json::from_str(vars).unwrap(),
+        })
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+    }
+
+    /// The documented examples in conf/templates render with their vars files.
+    #[test]
+    fn the_examples_render() {
+        let r = example(
+            "welcome.html",
+            "html",
+            Some("Welcome, {{ user.name }}"),
+            include_str!("../../conf/templates/welcome.html"),
+            include_str!("../../conf/templates/welcome.vars.json"),
+        );
+        assert_eq!(r.subject.as_deref(), Some("Welcome, ann"));
+        assert!(r.content.starts_with("<!DOCTYPE html>"), "{}", r.content);
+        assert!(r.content.contains("<li>2 × Tea &amp; biscuits</li>"));
+        assert!(r.content.contains("<b>NEXT10</b>"));
+        let r = example(
+            "notice.txt",
+            "text",
+            None,
+            include_str!("../../conf/templates/notice.txt"),
+            include_str!("../../conf/templates/notice.vars.json"),
+        );
+        assert_eq!(
+            r.content,
+            "Ann, your confirmation code is 482913. It expires in 10 minutes.\n"
+        );
+        let r = example(
+            "hook.json",
+            "json",
+            None,
+            include_str!("../../conf/templates/hook.json"),
+            include_str!("../../conf/templates/hook.vars.json"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.content).unwrap();
+        assert_eq!(v["user"]["name"], "Ann \"the\" Admin");
+        assert_eq!(v["tags"][1], "web");
+    }
+
+    #[test]
+    fn codes_are_declared_once() {
+        for e in [
+            RenderError::Unsupported("image".into()),
+            RenderError::Syntax {
+                template: "t".into(),
+                part: "body",
+                detail: String::new(),
+            },
+        ] {
+            assert!(ERROR_CODES.iter().any(|(c, _)| *c == e.code()));
+        }
+        assert_eq!(
+            Kind::parse("image").unwrap_err().code(),
+            "template-unsupported"
+        );
+    }
+
+    /// The README's template code table lists every code, with its line of meaning.
+    #[test]
+    fn the_readme_lists_every_code() {
+        let readme = include_str!("../../README.md");
+        for (code, meaning) in ERROR_CODES {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{code}` | permanent |")))
+                .unwrap_or_else(|| panic!("README has no row for {code}"));
+            let first_words: String = meaning
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(row.contains(&first_words), "{code}: {row}");
+        }
+    }
+}
