@@ -2,7 +2,8 @@
 //!
 //! Module map (the data path): [`config`] (files, env, validation, redaction) → [`db`] (pool,
 //! listener, migrations, outbox queries) → [`dispatch`] (claim loop, routing, retry schedule, lease
-//! heartbeat) → [`connector`] (the trait and one file per connector). [`ops`] holds the operator
+//! heartbeat) → [`render`] (templated messages rendered before delivery) → [`connector`] (the trait and one
+//! file per connector). [`ops`] holds the operator
 //! commands, [`server`] the HTTP server (health, status, metrics, REST enqueue), [`metrics`] the
 //! Prometheus names, [`telemetry`] the logging setup, [`shutdown`] the signals, [`systemd`] the notify protocol.
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@ pub mod db;
 pub mod dispatch;
 pub mod metrics;
 pub mod ops;
+pub mod render;
 pub mod server;
 pub mod shutdown;
 pub mod systemd;

@@ -126,6 +126,80 @@ enum Command {
         #[arg(long)]
         delete_after: Option<humantime::Duration>,
     },
+    /// Manage message templates (stored in the database, versioned; the syntax is checked here
+    /// before saving).
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Render a template (a NAME in the database, or a FILE) with variables, as the daemon would.
+    /// Prints `Subject: …`, a blank line and the body; with --out, writes the body there and
+    /// prints only the subject line.
+    Render {
+        /// A template name, or the path of a template file.
+        #[arg(long)]
+        template: String,
+        /// A JSON object of variables (default: none).
+        #[arg(long)]
+        vars: Option<PathBuf>,
+        /// The kind of a template file (default: from its extension: .html, .md, .json, else text).
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<outboxd::render::Kind>,
+        /// The subject template of a template file.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Write the rendered body to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Create a template (version 1) from a file.
+    Add {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        /// text, html, markdown or json (default: from the file's extension).
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<outboxd::render::Kind>,
+        /// Subject template (e-mail).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Default agent of api.send_template (code or id).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Default profile of api.send_template.
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Add the next version of a template from a file (messages already built keep theirs).
+    Update {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        /// New subject template (default: keep the current one; "" removes it).
+        #[arg(long)]
+        subject: Option<String>,
+    },
+    /// List templates: name, kind, agent, profile, newest version.
+    List,
+    /// Print one version of a template (default: the newest).
+    Show {
+        name: String,
+        #[arg(long)]
+        version: Option<i32>,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<outboxd::render::Kind, String> {
+    outboxd::render::Kind::parse(s)
+        .map_err(|_| format!("\"{s}\" is not one of text, html, markdown, json"))
+}
+
+fn read_file(p: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
 }
 
 /// `--since`: a duration back from now, or an RFC 3339 time.
@@ -193,6 +267,105 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::info!(message_id = %id, "demo message enqueued for file.agent");
             }
             outboxd::run(cfg, stop, controls).await?;
+        }
+        Command::Template(t) => {
+            use outboxd::render::store;
+            let client = connect(&cfg).await?;
+            match t {
+                TemplateCommand::Add {
+                    name,
+                    file,
+                    kind,
+                    subject,
+                    agent,
+                    profile,
+                    description,
+                } => {
+                    let t = store::NewTemplate {
+                        kind: kind.unwrap_or_else(|| outboxd::render::Kind::from_path(&file)),
+                        body: read_file(&file)?,
+                        name,
+                        subject,
+                        agent,
+                        profile,
+                        description,
+                    };
+                    let id = store::add(&client, &t).await?;
+                    println!("{id}");
+                }
+                TemplateCommand::Update {
+                    name,
+                    file,
+                    subject,
+                } => {
+                    let v = store::update(&client, &name, subject.as_deref(), &read_file(&file)?)
+                        .await?;
+                    println!("{name} v{v}");
+                }
+                TemplateCommand::List => print!("{}", store::list(&client).await?),
+                TemplateCommand::Show { name, version } => {
+                    let t = store::get(&client, &name, version).await?;
+                    println!("# {} v{} ({})", t.name, t.version, t.kind);
+                    if let Some(s) = &t.subject {
+                        println!("Subject: {s}");
+                    }
+                    println!();
+                    print!("{}", t.body);
+                }
+            }
+        }
+        Command::Render {
+            template,
+            vars,
+            kind,
+            subject,
+            out,
+        } => {
+            let vars: serde_json::Value = match vars {
+                Some(p) => serde_json::from_str(&read_file(&p)?)
+                    .with_context(|| format!("{} is not JSON", p.display()))?,
+                None => serde_json::json!({}),
+            };
+            anyhow::ensure!(vars.is_object(), "the variables must be a JSON object");
+            let path = std::path::Path::new(&template);
+            let source = if path.is_file() {
+                outboxd::render::Template {
+                    name: path
+                        .file_name()
+                        .map_or_else(|| template.clone(), |n| n.to_string_lossy().into_owned()),
+                    kind: kind
+                        .unwrap_or_else(|| outboxd::render::Kind::from_path(path))
+                        .as_str()
+                        .to_string(),
+                    version: 0,
+                    subject,
+                    body: read_file(path)?,
+                }
+            } else {
+                outboxd::render::store::preview_source(&connect(&cfg).await?, &template, &vars)
+                    .await?
+            };
+            let job = outboxd::render::Job {
+                template: source,
+                vars,
+            };
+            let r = match outboxd::render::render(&job) {
+                Ok(r) => r,
+                Err(e) => anyhow::bail!("{} ({})", e, e.code()),
+            };
+            if let Some(s) = &r.subject {
+                println!("Subject: {s}");
+            }
+            match out {
+                Some(p) => std::fs::write(&p, &r.content)
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                None => {
+                    if r.subject.is_some() {
+                        println!();
+                    }
+                    print!("{}", r.content);
+                }
+            }
         }
         Command::Migrate => {
             let applied = outboxd::db::migrate::prepare_database(

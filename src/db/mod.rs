@@ -15,6 +15,7 @@ pub mod listener;
 pub mod migrate;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
@@ -266,6 +267,8 @@ const CLAIM: &str =
     "SELECT id, code, agenttypecode, agentcode, profile, address, subject, content, \
                      label, attempts, max_attempts, priority, created \
                      FROM outbox.claim($1, $2, $3, $4)";
+const TEMPLATES: &str = "SELECT message_id, name, kind, version, subject, body, vars \
+                         FROM outbox.message_templates_of($1)";
 const RECORD: &str = "SELECT id, claim_id, result \
                       FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
@@ -377,7 +380,7 @@ impl Db {
         limit: usize,
         lease: Duration,
         claim_id: Uuid,
-    ) -> Result<Vec<OutboxMessage>, DbError> {
+    ) -> Result<Vec<(OutboxMessage, Option<crate::render::Job>)>, DbError> {
         self.timed("claim", async {
             let c = self.pool.get().await?;
             let st = c.prepare_cached(CLAIM).await?;
@@ -392,7 +395,7 @@ impl Db {
                     ],
                 )
                 .await?;
-            Ok(rows
+            let mut claimed: Vec<(OutboxMessage, Option<crate::render::Job>)> = rows
                 .iter()
                 .map(|r| OutboxMessage {
                     id: r.get(0),
@@ -409,7 +412,39 @@ impl Db {
                     priority: r.get(11),
                     created: r.get(12),
                 })
-                .collect())
+                .map(|m| (m, None))
+                .collect();
+            // One batched read per claim for the messages built from a template (none, mostly:
+            // then the query finds nothing in a primary-key lookup). Part of the claim call: if it
+            // fails, the caller hands the whole claim back with release_claim.
+            if !claimed.is_empty() {
+                let ids: Vec<Uuid> = claimed.iter().map(|(m, _)| m.id).collect();
+                let st = c.prepare_cached(TEMPLATES).await?;
+                let mut jobs: HashMap<Uuid, crate::render::Job> = c
+                    .query(&st, &[&ids])
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.get(0),
+                            crate::render::Job {
+                                template: crate::render::Template {
+                                    name: r.get(1),
+                                    kind: r.get(2),
+                                    version: r.get(3),
+                                    subject: r.get(4),
+                                    body: r.get(5),
+                                },
+                                vars: r.get(6),
+                            },
+                        )
+                    })
+                    .collect();
+                for (m, job) in claimed.iter_mut() {
+                    *job = jobs.remove(&m.id);
+                }
+            }
+            Ok(claimed)
         })
         .await
     }

@@ -330,7 +330,7 @@ pub async fn run(
                 controls
                     .stats
                     .set_in_flight(shared.inflight.lock().unwrap().len() + n);
-                for msg in claimed {
+                for (msg, template) in claimed {
                     let permit = slots
                         .clone()
                         .try_acquire_owned()
@@ -349,6 +349,7 @@ pub async fn run(
                         let connector = route
                             .as_ref()
                             .map_or_else(|_| "-".to_string(), |r| r.connector.name().to_string());
+                        let (msg, route) = render_template(msg, template, route);
                         let mut row = deliver_one(&msg, route).await;
                         row.claim_id = claim_id;
                         observe(&stats, &msg, &connector, &row);
@@ -442,6 +443,34 @@ pub async fn run(
     let report = shared.report.lock().unwrap().clone();
     tracing::info!(?report, "outboxd stopped");
     Ok(report)
+}
+
+/// A message built from a template gets its subject and content rendered here, before routing
+/// hands it to a connector; a render error takes the route's place, so it is recorded as the
+/// (permanent) outcome of this attempt and the connector is never called. Messages without a
+/// template pass through untouched.
+fn render_template(
+    mut msg: OutboxMessage,
+    template: Option<crate::render::Job>,
+    route: Result<router::Route, DeliveryError>,
+) -> (OutboxMessage, Result<router::Route, DeliveryError>) {
+    let Some(job) = template else {
+        return (msg, route);
+    };
+    match crate::render::render(&job) {
+        Ok(r) => {
+            if r.subject.is_some() {
+                msg.subject = r.subject;
+            }
+            msg.content = Some(r.content);
+            (msg, route)
+        }
+        Err(e) => {
+            tracing::error!(message_id = %msg.id, profile = %msg.profile, template = %job.template.name,
+                version = job.template.version, code = e.code(), error = %e, "template cannot be rendered");
+            (msg, Err(e.into()))
+        }
+    }
 }
 
 /// Delivers one message and turns the result into the row to record.
