@@ -29,7 +29,7 @@ pub struct NewMessage {
 pub async fn send(client: &tokio_postgres::Client, m: &NewMessage) -> Result<Uuid, DbError> {
     let row = client
         .query_one(
-            "SELECT api.send_message($1::uuid, $2::text, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "SELECT id FROM api.send_message($1::uuid, $2::text, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             &[
                 &m.parent,
                 &m.agent,

@@ -344,7 +344,7 @@ async fn send_status_and_retry_from_the_command_line() {
     // A message that fails: unknown profile, delivered by an in-process daemon.
     let bad: uuid::Uuid = c
         .query_one(
-            "SELECT api.send_message(NULL, 'file.agent', 'ghost', 'a', 's', 'c')",
+            "SELECT id FROM api.send_message(NULL, 'file.agent', 'ghost', 'a', 's', 'c')",
             &[],
         )
         .await

@@ -125,7 +125,7 @@ async fn retries_follow_the_schedule_then_fail_at_max_attempts() {
     // A message's own max_attempts wins over the profile's.
     let one: Uuid = c
         .query_one(
-            "SELECT api.send_message(NULL, 'http.agent', 'default', '/y', 's', '{}', pMaxAttempts => 1)",
+            "SELECT id FROM api.send_message(NULL, 'http.agent', 'default', '/y', 's', '{}', pMaxAttempts => 1)",
             &[],
         )
         .await
@@ -268,8 +268,8 @@ async fn two_daemons_deliver_each_message_exactly_once() {
     let c = db.client().await;
     let n = 300;
     c.batch_execute(&format!(
-        "SELECT api.send_message(NULL, 'http.agent', 'default', '/m', 's', format('{{\"i\":%s}}', i), pCode => 'k' || i) \
-           FROM generate_series(1, {n}) i"
+        "SELECT m.id FROM generate_series(1, {n}) i, \
+           LATERAL api.send_message(NULL, 'http.agent', 'default', '/m', 's', format('{{\"i\":%s}}', i), pCode => 'k' || i) m"
     ))
     .await
     .unwrap();

@@ -27,8 +27,8 @@ async fn count_where(c: &tokio_postgres::Client, cond: &str) -> i64 {
 
 async fn enqueue_bulk(c: &tokio_postgres::Client, n: usize, profile: &str) {
     c.batch_execute(&format!(
-        "SELECT api.send_message(NULL, 'http.agent', '{profile}', '/m', 's', format('{{\"i\":%s}}', i), pCode => 'k' || i) \
-           FROM generate_series(1, {n}) i"
+        "SELECT m.id FROM generate_series(1, {n}) i, \
+           LATERAL api.send_message(NULL, 'http.agent', '{profile}', '/m', 's', format('{{\"i\":%s}}', i), pCode => 'k' || i) m"
     ))
     .await
     .unwrap();
@@ -322,7 +322,7 @@ async fn bad_rows_fail_with_clear_codes_while_the_rest_flow() {
     // NUL bytes never get in: PostgreSQL text cannot hold them, the enqueue itself fails.
     let e = c
         .query_one(
-            "SELECT api.send_message(NULL, 'http.agent', 'default', '/x', 's', $1)",
+            "SELECT id FROM api.send_message(NULL, 'http.agent', 'default', '/x', 's', $1)",
             &[&"a\u{0}b"],
         )
         .await

@@ -295,7 +295,7 @@ async fn send_method(
     content: Option<&str>,
 ) -> Uuid {
     c.query_one(
-        "SELECT api.send_message(NULL, 'http.agent'::text, 'default', $1, $2, $3)",
+        "SELECT id FROM api.send_message(NULL, 'http.agent'::text, 'default', $1, $2, $3)",
         &[&address, &method, &content],
     )
     .await

@@ -56,7 +56,7 @@ async fn null_calls(admin: &tokio_postgres::Client, name: &str) -> Vec<String> {
 
 async fn send_file(c: &tokio_postgres::Client, code: Option<&str>, address: &str) -> Uuid {
     c.query_one(
-        "SELECT api.send_message(NULL, 'file.agent', 'default', $2, 's', 'c', pCode => $1)",
+        "SELECT id FROM api.send_message(NULL, 'file.agent', 'default', $2, 's', 'c', pCode => $1)",
         &[&code, &address],
     )
     .await

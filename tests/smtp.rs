@@ -33,7 +33,7 @@ async fn send_mail(
     content: &str,
 ) -> Uuid {
     c.query_one(
-        "SELECT api.send_message(NULL, 'smtp.agent', $1, $2, $3, $4)",
+        "SELECT id FROM api.send_message(NULL, 'smtp.agent', $1, $2, $3, $4)",
         &[&profile, &address, &subject, &content],
     )
     .await

@@ -162,7 +162,8 @@ async fn unknown_and_internal_actions_are_refused_with_their_own_code() {
 async fn send_message_is_idempotent_per_agent_and_code() {
     let db = TestDb::new().await;
     let c = db.client().await;
-    let q = "SELECT api.send_message(NULL, $1::text, 'default', 'a@b', 's', $2, pCode => $3)";
+    let q =
+        "SELECT id FROM api.send_message(NULL, $1::text, 'default', 'a@b', 's', $2, pCode => $3)";
     let a: Uuid = c
         .query_one(q, &[&"file.agent", &"one", &"order-42"])
         .await
@@ -198,7 +199,7 @@ async fn send_message_is_idempotent_per_agent_and_code() {
     // Without a code: a random 64-hex code each time.
     let r: Uuid = c
         .query_one(
-            "SELECT api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c')",
+            "SELECT id FROM api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c')",
             &[],
         )
         .await
@@ -230,7 +231,7 @@ async fn service_message_has_apostol_columns_and_outbox_orders_by_priority_then_
     // Apostol's signature with a uuid agent, and the label/description defaults.
     let low: Uuid = c
         .query_one(
-            "SELECT api.send_message(NULL, $1::uuid, 'noreply@example.com', 'to@example.com', 'Hi', 'Body')",
+            "SELECT id FROM api.send_message(NULL, $1::uuid, 'noreply@example.com', 'to@example.com', 'Hi', 'Body')",
             &[&agent],
         )
         .await
@@ -238,7 +239,7 @@ async fn service_message_has_apostol_columns_and_outbox_orders_by_priority_then_
         .get(0);
     let high: Uuid = c
         .query_one(
-            "SELECT api.send_message(NULL, 'smtp.agent', 'p', 'to', 'Hi', 'Body', pPriority => 5)",
+            "SELECT id FROM api.send_message(NULL, 'smtp.agent', 'p', 'to', 'Hi', 'Body', pPriority => 5)",
             &[],
         )
         .await
@@ -303,7 +304,7 @@ async fn service_message_has_apostol_columns_and_outbox_orders_by_priority_then_
     // An unknown agent is a clear error.
     let e = c
         .query_one(
-            "SELECT api.send_message(NULL, 'nope.agent', 'p', 'a', 's', 'c')",
+            "SELECT id FROM api.send_message(NULL, 'nope.agent', 'p', 'a', 's', 'c')",
             &[],
         )
         .await
@@ -399,7 +400,7 @@ async fn hot_path_claims_skip_locked_and_ignores_stale_outcomes() {
     // A message scheduled for later is not due.
     let later: Uuid = c
         .query_one(
-            "SELECT api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c', pSendAt => now() + interval '1 hour')",
+            "SELECT id FROM api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c', pSendAt => now() + interval '1 hour')",
             &[],
         )
         .await

@@ -36,7 +36,7 @@ impl System {
     fn enqueue_one(self) -> String {
         match self {
             System::Outboxd => format!(
-                "SELECT api.send_message(NULL::uuid, 'http.agent'::text, 'default', '/sink', NULL, {}, \
+                "SELECT id FROM api.send_message(NULL::uuid, 'http.agent'::text, 'default', '/sink', NULL, {}, \
                  NULL, NULL, 'bench-' || $1::bigint)",
                 pg::body_sql("$1::bigint")
             ),

@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "fencing", include_str!("../../sql/003_fencing.sql")),
     (4, "roles", include_str!("../../sql/004_roles.sql")),
     (5, "retention", include_str!("../../sql/005_retention.sql")),
+    (6, "apostol", include_str!("../../sql/006_apostol.sql")),
     (7, "templates", include_str!("../../sql/007_templates.sql")),
 ];
 

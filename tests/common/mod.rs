@@ -315,7 +315,7 @@ pub async fn send(
     content: &str,
 ) -> Uuid {
     c.query_one(
-        "SELECT api.send_message(NULL, $1::text, $2, $3, 'subject', $4)",
+        "SELECT id FROM api.send_message(NULL, $1::text, $2, $3, 'subject', $4)",
         &[&agent, &profile, &address, &content],
     )
     .await
