@@ -311,6 +311,45 @@ GRANT EXECUTE ON FUNCTION api.templates(), api.template(text, integer),
     api.send_template(uuid, uuid, text, text, text, jsonb, text, text, text, integer, timestamptz, integer)
     TO outboxd_app, outboxd_daemon;
 
+--------------------------------------------------------------------------------------------------
+-- Retention of template variables
+--------------------------------------------------------------------------------------------------
+
+-- A templated message has no content of its own: what it says (a reset link, a one-time code)
+-- lives in its variables. Retention's content step (005) therefore also empties them, on the
+-- same schedule and in the same batches. Same rights and lock as in 005.
+CREATE OR REPLACE FUNCTION outbox.clear_content(p_older_than interval, p_limit integer)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, outbox, pg_temp AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(7310593858634612081) THEN
+        RETURN -1;
+    END IF;
+    WITH doomed AS (
+        SELECT d.id FROM outbox.messages d
+         WHERE (d.content IS NOT NULL
+                OR EXISTS (SELECT 1 FROM outbox.message_templates t
+                            WHERE t.message_id = d.id AND t.vars <> '{}'::jsonb))
+           AND ((d.class = 'outbox' AND d.state IN ('submitted', 'failed', 'deleted')
+                 AND d.updated_at < now() - p_older_than)
+                OR (d.class = 'inbox' AND d.created_at < now() - p_older_than))
+         LIMIT p_limit
+         FOR UPDATE SKIP LOCKED
+    ), cleared AS (
+        UPDATE outbox.messages m SET content = NULL
+          FROM doomed WHERE m.id = doomed.id
+        RETURNING 1
+    ), vars AS (
+        UPDATE outbox.message_templates t SET vars = '{}'::jsonb
+          FROM doomed WHERE t.message_id = doomed.id
+    )
+    SELECT count(*) INTO v_count FROM cleared;
+    RETURN v_count;
+END
+$$;
+
 INSERT INTO outbox.schema_migrations (version, name) VALUES (7, 'templates');
 
 COMMIT;

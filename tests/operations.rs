@@ -334,3 +334,53 @@ async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
     let _ = tail.wait();
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_clears_the_variables_of_templated_messages() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.execute(
+        "SELECT api.add_template('reset', 'text', 'Your code: {{ code }}', 'Reset', 'file.agent')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let id: Uuid = c
+        .query_one(
+            "SELECT api.send_template(NULL, NULL::text, 'default', 'a@b', 'reset', '{\"code\": \"314159\"}')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for action in ["send", "done"] {
+        c.execute("SELECT api.execute_object_action($1, $2)", &[&id, &action])
+            .await
+            .unwrap();
+    }
+    c.execute(
+        "UPDATE outbox.messages SET updated_at = now() - interval '10 days' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let r = Retention {
+        content_after: Some(Duration::from_secs(7 * 86400)),
+        delete_after: None,
+        batch_size: 10,
+        every: Duration::from_secs(3600),
+    };
+    let done = retention::run_once(&db_of(&db.url), &r, &CancellationToken::new(), |_, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!(done.contents_cleared, 1);
+    let vars: serde_json::Value = c
+        .query_one(
+            "SELECT vars FROM outbox.message_templates WHERE message_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(vars, serde_json::json!({}), "the one-time code is gone");
+}
