@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
-use super::http::{classify_status, read_response, truncate};
+use super::provider::{classify_status, json_scalar, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
@@ -225,7 +225,7 @@ impl M2mConnector {
         }
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
         // Credentials (header or envelope) never follow a redirect to another origin.
-        let client = crate::connector::http_client_builder(timeout)
+        let client = crate::connector::provider::http_client_builder(timeout)
             .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
@@ -459,13 +459,6 @@ fn check_text(text: &str) -> Result<(), DeliveryError> {
         ));
     }
     Ok(())
-}
-
-fn json_scalar(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

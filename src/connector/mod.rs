@@ -7,10 +7,12 @@
 //! One connector object exists per (kind, profile), so per-profile state (clients, pools, token
 //! caches) lives in the object.
 
+pub mod codes;
 pub mod fcm;
 pub mod file;
 pub mod http;
 pub mod m2m;
+pub mod provider;
 pub mod redact;
 pub mod sba;
 pub mod smtp;
@@ -154,16 +156,6 @@ impl DeliveryError {
     pub fn is_retry(&self) -> bool {
         matches!(self, DeliveryError::Retry { .. })
     }
-}
-
-/// The HTTP client settings every HTTP-based connector starts from: a total timeout, a connect
-/// timeout of at most 10 s, and outboxd's user agent. Connectors add their own (resolver, redirects)
-/// before `build()`.
-pub fn http_client_builder(timeout: Duration) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
 }
 
 /// The error of a delivery whose provider call did not answer within the profile's `timeout`.

@@ -35,7 +35,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::http::{classify_status, read_response, truncate};
+use super::provider::{classify_status, json_scalar, kebab, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::config::{ConfigError, Dur, Secret, SecretSource};
@@ -168,7 +168,7 @@ impl SbaConnector {
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
         // The form carries the merchant's password: never to another origin (a 307/308 would
         // resend it).
-        let client = crate::connector::http_client_builder(timeout)
+        let client = crate::connector::provider::http_client_builder(timeout)
             .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("base_url", format!("cannot build the HTTP client: {e}")))?;
@@ -543,33 +543,6 @@ fn check_absolute(u: &str) -> Result<(), String> {
             "\"{}\" is not an absolute http(s) URL",
             truncate(u, 128)
         )),
-    }
-}
-
-/// A provider's error code as a kebab-case fragment.
-fn kebab(code: &str) -> String {
-    let s: String = code
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let s = s.trim_matches('-').to_string();
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s
-    }
-}
-
-fn json_scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
     }
 }
 

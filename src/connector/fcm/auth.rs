@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{retryable_status, FcmConfig, MAX_RESPONSE_BYTES};
+use super::{FcmConfig, MAX_RESPONSE_BYTES};
 use crate::config::Secret;
-use crate::connector::http::{parse_retry_after, read_limited, truncate};
+use crate::connector::provider::{parse_retry_after, read_limited, retryable_status, truncate};
 use crate::connector::redact;
 use crate::connector::token::{Token, TokenSource};
 use crate::connector::DeliveryError;

@@ -27,8 +27,8 @@ use oauth2::{
 };
 use serde::Deserialize;
 
-use super::{classify_transport, read_limited, truncate};
 use crate::config::{Dur, Secret, SecretSource};
+use crate::connector::provider::{classify_transport, read_limited, retryable_status, truncate};
 use crate::connector::redact::Redactor;
 use crate::connector::token::{self, Token, TokenCache, TokenSource};
 use crate::connector::DeliveryError;
@@ -97,7 +97,7 @@ pub fn cache_for(
     .ok_or("one of client_secret, client_secret_env, client_secret_file is required")?;
     redactor.add(secret.expose());
     redactor.add_url(token_url.url(), false);
-    let http = crate::connector::http_client_builder(timeout)
+    let http = crate::connector::provider::http_client_builder(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
@@ -211,13 +211,14 @@ impl<'c> AsyncHttpClient<'c> for TokenHttp {
                 .map_err(|e| TokenHttpError::Transport(classify_transport(&e)))?;
             let text = || truncate(&String::from_utf8_lossy(&body), 256).to_string();
             let code = status.as_u16();
-            if code == 408 || code == 429 || status.is_server_error() {
+            if retryable_status(status) {
                 return Err(TokenHttpError::Unavailable {
                     status: code,
                     body: text(),
                 });
             }
-            if status.is_client_error() && !is_oauth_error(&body) {
+            // 501 is as final as a 4xx (the one status classifier says so).
+            if (status.is_client_error() && !is_oauth_error(&body)) || status.is_server_error() {
                 return Err(TokenHttpError::Rejected {
                     status: code,
                     body: text(),

@@ -11,7 +11,7 @@ use quick_xml::reader::NsReader;
 use quick_xml::writer::Writer;
 
 use super::SoapVersion;
-use crate::connector::http::truncate;
+use crate::connector::provider::{kebab, truncate};
 use crate::connector::DeliveryError;
 
 /// Namespace of the M2M XML API's operations.
@@ -261,7 +261,7 @@ pub(super) const FAULTS: &[(&str, bool)] = &[
 
 /// The stable error code of an M2M fault string: `m2m-` and the string in kebab case.
 pub fn fault_code(fault: &str) -> String {
-    format!("m2m-{}", fault.to_ascii_lowercase().replace('_', "-"))
+    format!("m2m-{}", kebab(fault))
 }
 
 pub(super) fn classify_fault(f: &Fault) -> DeliveryError {
