@@ -14,6 +14,7 @@
 //! from every error text; requests (token and send) never follow a redirect to another origin
 //! (`redirect-denied`). Facts: shared/providers.md §2.7.
 
+use crate::connector::codes;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,7 +201,7 @@ impl FcmConnector {
 }
 
 fn bad_content(reason: impl Into<String>) -> DeliveryError {
-    DeliveryError::permanent("bad-content", reason)
+    DeliveryError::permanent(codes::BAD_CONTENT.code, reason)
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -265,7 +266,7 @@ fn prepare_body(content: &str, address: Option<&str>) -> Result<Value, DeliveryE
                 .filter(|a| !a.is_empty())
                 .ok_or_else(|| {
                     DeliveryError::permanent(
-                    "bad-address",
+                    codes::BAD_ADDRESS.code,
                     "the message names no target (token, topic or condition) and has no address",
                 )
                 })?;
@@ -341,7 +342,7 @@ fn classify(status: StatusCode, headers: &HeaderMap, text: &str) -> DeliveryErro
         | "DEADLINE_EXCEEDED" | "ABORTED" => true,
         _ => retryable_status(status),
     };
-    let code = format!("fcm-{}", kebab(&name));
+    let code = codes::family(codes::FCM_ERROR, &kebab(&name));
     let reason = format!(
         "HTTP {} {name}: {}",
         status.as_u16(),
@@ -370,7 +371,7 @@ impl Connector for FcmConnector {
     async fn healthcheck(&self) -> Result<(), DeliveryError> {
         load_key(&self.cfg)
             .map(|_| ())
-            .map_err(|m| DeliveryError::permanent("bad-credentials", m))
+            .map_err(|m| DeliveryError::permanent(codes::BAD_CREDENTIALS.code, m))
     }
 }
 
@@ -381,7 +382,7 @@ impl FcmConnector {
         let rejected = |(status, _, text): &(StatusCode, HeaderMap, String)| {
             is_stale_token(*status, text).then(|| {
                 DeliveryError::retry(
-                    "token-invalid",
+                    codes::TOKEN_INVALID.code,
                     format!(
                         "FCM rejected a freshly fetched access token: {}",
                         truncate(text, 256)

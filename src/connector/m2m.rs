@@ -22,6 +22,7 @@
 //! Secrets: the password (and its MD5) and the token are scrubbed from every error text; requests
 //! never follow a redirect to another origin (`redirect-denied`).
 
+use crate::connector::codes;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -288,7 +289,7 @@ impl M2mConnector {
             // from MTS: nothing was sent, so trying again is safe.
             Err(e) => {
                 return Err(DeliveryError::retry(
-                    "m2m-bad-response",
+                    codes::M2M_BAD_RESPONSE.code,
                     format!(
                         "HTTP 200 with a body that is not XML ({e}): {}",
                         truncate(&text, 256)
@@ -367,7 +368,7 @@ impl M2mConnector {
         if let Some(env) = detect_envelope(content)? {
             if self.api == M2mApi::Omnichannel {
                 return Err(DeliveryError::permanent(
-                    "bad-content",
+                    codes::BAD_CONTENT.code,
                     "content is a SOAP envelope, but the profile uses the omnichannel API",
                 ));
             }
@@ -404,7 +405,7 @@ pub fn md5_hex(s: &str) -> String {
 pub fn normalise_msid(address: &str, country_code: &str) -> Result<String, DeliveryError> {
     let bad = |why: &str| {
         DeliveryError::permanent(
-            "bad-address",
+            codes::BAD_ADDRESS.code,
             format!("\"{}\": {why}", truncate(address, 64)),
         )
     };
@@ -436,14 +437,14 @@ pub fn normalise_msid(address: &str, country_code: &str) -> Result<String, Deliv
 fn check_text(text: &str) -> Result<(), DeliveryError> {
     if text.trim().is_empty() {
         return Err(DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             "the message text is empty",
         ));
     }
     let n = text.chars().count();
     if n > MAX_MESSAGE_CHARS {
         return Err(DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             format!("the message has {n} characters; MTS accepts at most {MAX_MESSAGE_CHARS}"),
         ));
     }
@@ -451,7 +452,7 @@ fn check_text(text: &str) -> Result<(), DeliveryError> {
         (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{FFFE}' | '\u{FFFF}')
     }) {
         return Err(DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             format!(
                 "the message contains U+{:04X}, which XML cannot carry",
                 c as u32

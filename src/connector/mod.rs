@@ -49,9 +49,9 @@ pub struct OutboxMessage {
 impl OutboxMessage {
     /// The content, or a `bad-content` permanent error when the message has none.
     pub fn content_required(&self) -> Result<&str, DeliveryError> {
-        self.content
-            .as_deref()
-            .ok_or_else(|| DeliveryError::permanent("bad-content", "the message has no content"))
+        self.content.as_deref().ok_or_else(|| {
+            DeliveryError::permanent(codes::BAD_CONTENT.code, "the message has no content")
+        })
     }
 
     /// The address, or a `bad-address` permanent error when the message has none.
@@ -59,7 +59,7 @@ impl OutboxMessage {
         match self.address.as_deref() {
             Some(a) if !a.trim().is_empty() => Ok(a),
             _ => Err(DeliveryError::permanent(
-                "bad-address",
+                codes::BAD_ADDRESS.code,
                 "the message has no address",
             )),
         }
@@ -160,7 +160,7 @@ impl DeliveryError {
 
 /// The error of a delivery whose provider call did not answer within the profile's `timeout`.
 pub fn timed_out(timeout: Duration) -> DeliveryError {
-    DeliveryError::retry("timeout", format!("no answer within {timeout:?}"))
+    DeliveryError::retry(codes::TIMEOUT.code, format!("no answer within {timeout:?}"))
 }
 
 /// A delivery channel for one profile.

@@ -28,6 +28,7 @@
 //! amount, the message is done with that order's id. That makes a retry after a crash or a lost
 //! response idempotent.
 
+use crate::connector::codes;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -224,7 +225,7 @@ impl SbaConnector {
             .filter(Value::is_object)
             .ok_or_else(|| {
                 DeliveryError::retry(
-                    "sba-bad-response",
+                    codes::SBA_BAD_RESPONSE.code,
                     format!(
                         "HTTP 200 with a body that is not a JSON object: {}",
                         truncate(&text, 256)
@@ -305,7 +306,7 @@ impl SbaConnector {
         msg: &OutboxMessage,
         params: &mut Vec<(String, String)>,
     ) -> Result<(String, String), DeliveryError> {
-        let bad = |m: String| DeliveryError::permanent("bad-content", m);
+        let bad = |m: String| DeliveryError::permanent(codes::BAD_CONTENT.code, m);
         let get = |params: &[(String, String)], k: &str| {
             params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         };
@@ -376,7 +377,7 @@ impl SbaConnector {
                 .any(|s| s.to_ascii_lowercase().ends_with(".do"));
         if odd || !self.methods.contains(&method) {
             return Err(DeliveryError::permanent(
-                "method-denied",
+                codes::METHOD_DENIED.code,
                 format!(
                     "method \"{}\" is not in the profile's methods ({}); nothing was sent",
                     truncate(method_name(path), 64),
@@ -406,7 +407,7 @@ impl SbaConnector {
                 let order_id = v.get("orderId").map(json_scalar).filter(|s| !s.is_empty());
                 if register && order_id.is_none() {
                     return Err(DeliveryError::retry(
-                        "sba-bad-response",
+                        codes::SBA_BAD_RESPONSE.code,
                         format!(
                             "register answered without orderId: {}",
                             truncate(&text, 256)
@@ -427,7 +428,7 @@ impl SbaConnector {
                 Err(DeliveryError::retry("sba-7", message).with_status(status_i))
             }
             (Some((code, message)), _) => Err(DeliveryError::permanent(
-                format!("sba-{}", kebab(&code)),
+                codes::family(codes::SBA_ERROR, &kebab(&code)),
                 message,
             )
             .with_status(status_i)),
@@ -466,7 +467,7 @@ fn request_path(address: Option<&str>) -> Result<String, DeliveryError> {
     }
     if a.contains("://") || a.starts_with("//") || a.contains(['?', '#', ' ']) {
         return Err(DeliveryError::permanent(
-            "bad-address",
+            codes::BAD_ADDRESS.code,
             format!(
                 "address \"{}\" must be a path such as {DEFAULT_PATH}",
                 truncate(a, 64)
@@ -499,7 +500,10 @@ pub fn parse_params(content: &str) -> Result<Vec<(String, String)>, DeliveryErro
     let t = content.trim();
     if t.starts_with('{') {
         let obj: serde_json::Map<String, Value> = serde_json::from_str(t).map_err(|e| {
-            DeliveryError::permanent("bad-content", format!("content is not a JSON object: {e}"))
+            DeliveryError::permanent(
+                codes::BAD_CONTENT.code,
+                format!("content is not a JSON object: {e}"),
+            )
         })?;
         return Ok(obj
             .into_iter()

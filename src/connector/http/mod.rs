@@ -29,6 +29,7 @@ pub mod sign;
 // `dispatch` truncates error texts with this path; the helper lives in the provider toolkit.
 pub use super::provider::truncate;
 
+use crate::connector::codes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -399,7 +400,7 @@ impl HttpConnector {
         let text = if absolute {
             if !self.allow_absolute_address {
                 return Err(DeliveryError::permanent(
-                    "host-denied",
+                    codes::HOST_DENIED.code,
                     "the address is an absolute URL and the profile does not set allow_absolute_address",
                 ));
             }
@@ -412,14 +413,17 @@ impl HttpConnector {
             format!("{}/{address}", self.base)
         };
         let url = url::Url::parse(&text).map_err(|e| {
-            DeliveryError::permanent("bad-address", format!("not a valid URL ({e}): {text}"))
+            DeliveryError::permanent(
+                codes::BAD_ADDRESS.code,
+                format!("not a valid URL ({e}): {text}"),
+            )
         })?;
         // A path cannot move the request to another host; if the URL parser disagrees, refuse.
         if !absolute
             && (url.host() != self.base_url.host() || url.scheme() != self.base_url.scheme())
         {
             return Err(DeliveryError::permanent(
-                "host-denied",
+                codes::HOST_DENIED.code,
                 format!("the address changes the host of the profile's URL: {address}"),
             ));
         }
@@ -468,7 +472,7 @@ impl HttpConnector {
         if self.validate_json && !bodiless {
             if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
                 return Err(DeliveryError::permanent(
-                    "bad-content",
+                    codes::BAD_CONTENT.code,
                     format!("content is not valid JSON: {e}"),
                 ));
             }
@@ -484,12 +488,18 @@ impl HttpConnector {
             headers.insert(CONTENT_TYPE, self.content_type.clone());
         }
         let code = HeaderValue::from_str(&msg.code).map_err(|_| {
-            DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+            DeliveryError::permanent(
+                codes::BAD_CODE.code,
+                "the message code is not a valid header value",
+            )
         })?;
         if let Some(h) = &self.idempotency_header {
             // draft-ietf-httpapi-idempotency-key-header: the value is a Structured-Field string.
             let v = HeaderValue::from_str(&format!("\"{}\"", msg.code)).map_err(|_| {
-                DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+                DeliveryError::permanent(
+                    codes::BAD_CODE.code,
+                    "the message code is not a valid header value",
+                )
             })?;
             headers.insert(h.clone(), v);
         }
@@ -517,7 +527,7 @@ impl HttpConnector {
                 let rejected = |(status, _, text): &(StatusCode, HeaderMap, String)| {
                     (*status == StatusCode::UNAUTHORIZED).then(|| {
                         DeliveryError::retry(
-                            "token-invalid",
+                            codes::TOKEN_INVALID.code,
                             format!("HTTP 401 with a fresh token: {}", truncate(text, 256)),
                         )
                         .with_status(401)
@@ -574,7 +584,10 @@ fn with_token(
     token: &Secret,
 ) -> Result<HeaderMap, DeliveryError> {
     let mut v = HeaderValue::from_str(&format!("{scheme} {}", token.expose())).map_err(|_| {
-        DeliveryError::retry("token-invalid", "the token is not a valid header value")
+        DeliveryError::retry(
+            codes::TOKEN_INVALID.code,
+            "the token is not a valid header value",
+        )
     })?;
     v.set_sensitive(true);
     let mut h = headers.clone();
@@ -591,7 +604,7 @@ fn classify_send(e: &reqwest::Error) -> DeliveryError {
 }
 
 fn denied(d: allow::HostDenied) -> DeliveryError {
-    DeliveryError::permanent("host-denied", d.to_string())
+    DeliveryError::permanent(codes::HOST_DENIED.code, d.to_string())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! permanent `token-denied`; 5xx, 408, 429, network errors and unreadable answers retry as
 //! `token-fetch`.
 
+use crate::connector::codes;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -258,38 +259,41 @@ fn classify(e: FetchError) -> DeliveryError {
                 | BasicErrorResponseType::InvalidGrant
                 | BasicErrorResponseType::InvalidRequest
                 | BasicErrorResponseType::UnsupportedGrantType => {
-                    DeliveryError::permanent("token-denied", reason)
+                    DeliveryError::permanent(codes::TOKEN_DENIED.code, reason)
                 }
                 // `temporarily_unavailable`, `server_error` and other extensions.
-                BasicErrorResponseType::Extension(_) => DeliveryError::retry("token-fetch", reason),
+                BasicErrorResponseType::Extension(_) => {
+                    DeliveryError::retry(codes::TOKEN_FETCH.code, reason)
+                }
             }
         }
         RequestTokenError::Request(TokenHttpError::Rejected { status, body }) => {
             DeliveryError::permanent(
-                "token-denied",
+                codes::TOKEN_DENIED.code,
                 format!("the token endpoint answered HTTP {status}: {body}"),
             )
             .with_status(status as i32)
         }
         RequestTokenError::Request(TokenHttpError::Unavailable { status, body }) => {
             DeliveryError::retry(
-                "token-fetch",
+                codes::TOKEN_FETCH.code,
                 format!("the token endpoint answered HTTP {status}: {body}"),
             )
             .with_status(status as i32)
         }
-        RequestTokenError::Request(TokenHttpError::Transport(e)) => {
-            DeliveryError::retry("token-fetch", format!("token endpoint: {}", e.reason()))
-        }
+        RequestTokenError::Request(TokenHttpError::Transport(e)) => DeliveryError::retry(
+            codes::TOKEN_FETCH.code,
+            format!("token endpoint: {}", e.reason()),
+        ),
         RequestTokenError::Request(e @ TokenHttpError::Build(_)) => {
-            DeliveryError::permanent("token-denied", e.to_string())
+            DeliveryError::permanent(codes::TOKEN_DENIED.code, e.to_string())
         }
         RequestTokenError::Parse(e, _) => DeliveryError::retry(
-            "token-fetch",
+            codes::TOKEN_FETCH.code,
             format!("the token endpoint's answer is not a token response: {e}"),
         ),
         RequestTokenError::Other(m) => {
-            DeliveryError::retry("token-fetch", format!("token endpoint: {m}"))
+            DeliveryError::retry(codes::TOKEN_FETCH.code, format!("token endpoint: {m}"))
         }
     }
 }

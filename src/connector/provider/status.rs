@@ -10,7 +10,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
 
 use super::truncate;
-use crate::connector::DeliveryError;
+use crate::connector::{codes, DeliveryError};
 
 pub use crate::connector::redact::transport_error as classify_transport;
 
@@ -56,7 +56,7 @@ pub fn classify_status_with(
     headers: &HeaderMap,
     body_retry_after: Option<&BodyRetryAfter>,
 ) -> DeliveryError {
-    let code = format!("http-{}", status.as_u16());
+    let code = codes::family(codes::HTTP_STATUS, &status.as_u16().to_string());
     let reason = format!("HTTP {}: {}", status.as_u16(), truncate(body, 256));
     if retryable_status(status) {
         let after = parse_retry_after(headers).or_else(|| body_retry_after.and_then(|f| f(body)));

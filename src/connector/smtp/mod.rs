@@ -31,6 +31,7 @@ pub mod content;
 pub mod pool;
 pub mod services;
 
+use crate::connector::codes;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -134,7 +135,7 @@ impl SmtpConnector {
             )),
             Form::Json(v) => Ok((content::build_json(v, env)?, Some(message_id))),
             Form::BrokenJson(e) => Err(DeliveryError::permanent(
-                "bad-content",
+                codes::BAD_CONTENT.code,
                 format!("content looks like the JSON form but is not valid JSON: {e}"),
             )),
             Form::Body(body) => Ok((content::build_body(body, env)?, Some(message_id))),
@@ -152,12 +153,12 @@ fn envelope(from: &Mailbox, built: &Built) -> Result<SmtpEnvelope, DeliveryError
     }
     if rcpt.is_empty() {
         return Err(DeliveryError::permanent(
-            "bad-address",
+            codes::BAD_ADDRESS.code,
             "the message has no recipient",
         ));
     }
     SmtpEnvelope::new(Some(from.email.clone()), rcpt)
-        .map_err(|e| DeliveryError::permanent("bad-address", e.to_string()))
+        .map_err(|e| DeliveryError::permanent(codes::BAD_ADDRESS.code, e.to_string()))
 }
 
 /// The house classification of a lettre SMTP error.
@@ -166,25 +167,25 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> DeliveryError {
     let reason = e.to_string();
     let status = e.status().map(|c| i32::from(u16::from(c)));
     let err = if e.is_permanent() {
-        DeliveryError::permanent("smtp-5xx", reason)
+        DeliveryError::permanent(codes::SMTP_5XX.code, reason)
     } else if e.is_transient() {
-        DeliveryError::retry("smtp-4xx", reason)
+        DeliveryError::retry(codes::SMTP_4XX.code, reason)
     } else if e.is_timeout() {
-        DeliveryError::retry("timeout", reason)
+        DeliveryError::retry(codes::TIMEOUT.code, reason)
     } else if e.is_tls() || is_tls_failure(e) {
-        DeliveryError::retry("smtp-tls", reason)
+        DeliveryError::retry(codes::SMTP_TLS.code, reason)
     } else if e.is_client() {
         // lettre refused to send: the server lacks a capability the message needs (SMTPUTF8,
         // 8BITMIME, a common AUTH mechanism). Retrying the same message cannot help.
-        DeliveryError::permanent("smtp-client", reason)
+        DeliveryError::permanent(codes::SMTP_CLIENT.code, reason)
     } else if e.is_response() {
-        DeliveryError::retry("smtp-protocol", reason)
+        DeliveryError::retry(codes::SMTP_PROTOCOL.code, reason)
     } else if e.is_transport_shutdown() {
-        DeliveryError::retry("smtp-shutdown", reason)
+        DeliveryError::retry(codes::SMTP_SHUTDOWN.code, reason)
     } else if reason.starts_with("Connection error") {
-        DeliveryError::retry("smtp-connect", reason)
+        DeliveryError::retry(codes::SMTP_CONNECT.code, reason)
     } else {
-        DeliveryError::retry("smtp-network", reason)
+        DeliveryError::retry(codes::SMTP_NETWORK.code, reason)
     };
     match status {
         Some(s) => err.with_status(s),
@@ -197,12 +198,12 @@ fn classify_send(e: pool::SendError) -> DeliveryError {
     match e {
         pool::SendError::Smtp(e) => classify(&e),
         pool::SendError::Connect(e) => {
-            DeliveryError::retry("smtp-connect", format!("Connection error: {e}"))
+            DeliveryError::retry(codes::SMTP_CONNECT.code, format!("Connection error: {e}"))
         }
-        pool::SendError::Tls(why) => DeliveryError::retry("smtp-tls", why),
+        pool::SendError::Tls(why) => DeliveryError::retry(codes::SMTP_TLS.code, why),
         // As lettre's own client errors (see `classify`).
-        pool::SendError::Client(why) => DeliveryError::permanent("smtp-client", why),
-        pool::SendError::Timeout(what) => DeliveryError::retry("timeout", what),
+        pool::SendError::Client(why) => DeliveryError::permanent(codes::SMTP_CLIENT.code, why),
+        pool::SendError::Timeout(what) => DeliveryError::retry(codes::TIMEOUT.code, what),
     }
 }
 
