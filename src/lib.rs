@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod metrics;
 pub mod ops;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;

@@ -32,7 +32,7 @@ use super::provider::{
 use super::redact::{self, Redactor};
 use super::token::{self, TokenCache};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, Secret, SecretSource};
 
 mod auth;
 use auth::{load_key, JwtGrant};

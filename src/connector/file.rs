@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur};
+use crate::settings::{ConfigError, Dur};
 
 /// A `file` profile.
 #[derive(Debug, Clone, Deserialize)]

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use super::provider::{classify_status, json_scalar, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, Secret, SecretSource};
 
 mod soap;
 pub use soap::{

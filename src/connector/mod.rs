@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 
 /// A claimed message, as the hot path returns it (`outbox.claim`).
 #[derive(Debug, Clone)]
@@ -218,7 +218,7 @@ impl ConnectorConfig {
     /// Parses one profile table of a `<kind>.conf` file. Each kind is deserialized directly (not
     /// through the tagged enum, whose buffering loses the path), so errors name the exact key.
     pub fn from_table(kind: &str, table: toml::Table) -> Result<Self, (Option<String>, String)> {
-        use crate::config::deserialize_table as de;
+        use crate::settings::deserialize_table as de;
         match kind {
             "file" => de(table).map(ConnectorConfig::File),
             "fcm" => de(table).map(ConnectorConfig::Fcm),

@@ -16,7 +16,7 @@ use crate::connector::codes;
 use std::borrow::Cow;
 
 use super::{DeliveryError, Receipt};
-use crate::config::is_credential_param;
+use crate::settings::is_credential_param;
 
 /// Secrets shorter than this are not searched for in texts (replacing every `1` of a text would
 /// hide more than it protects); configuration checks keep real credentials longer than that.

@@ -39,7 +39,7 @@ use serde_json::Value;
 use super::provider::{classify_status, json_scalar, kebab, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, Secret, SecretSource};
 
 /// Sberbank's production host.
 pub const PRODUCTION_URL: &str = "https://securepayments.sberbank.ru";

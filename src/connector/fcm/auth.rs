@@ -11,11 +11,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{FcmConfig, MAX_RESPONSE_BYTES};
-use crate::config::Secret;
 use crate::connector::provider::{parse_retry_after, read_limited, retryable_status, truncate};
 use crate::connector::redact;
 use crate::connector::token::{Token, TokenSource};
 use crate::connector::DeliveryError;
+use crate::settings::Secret;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";

@@ -44,7 +44,7 @@ use super::provider::{classify_status, json_scalar, read_response};
 use super::redact::{self, Redactor};
 use super::token::TokenCache;
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, Secret, SecretSource};
 use allow::Policy;
 use sign::Signer;
 
@@ -247,7 +247,7 @@ fn parse_credential_hosts(list: &[String]) -> Result<Vec<(String, Option<u16>)>,
 /// marked sensitive and scrubbed from texts.
 fn is_secret_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("cookie") || crate::config::is_credential_param(&n)
+    n.contains("cookie") || crate::settings::is_credential_param(&n)
 }
 
 impl HttpConnector {

@@ -28,11 +28,11 @@ use oauth2::{
 };
 use serde::Deserialize;
 
-use crate::config::{Dur, Secret, SecretSource};
 use crate::connector::provider::{classify_transport, read_limited, retryable_status, truncate};
 use crate::connector::redact::Redactor;
 use crate::connector::token::{self, Token, TokenCache, TokenSource};
 use crate::connector::DeliveryError;
+use crate::settings::{Dur, Secret, SecretSource};
 
 /// Bytes of a token endpoint answer that are read; a token response is a few KiB at most.
 pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
@@ -164,7 +164,7 @@ impl TokenSource for OAuth2Source {
             req = req.add_extra_param("audience", aud.clone());
         }
         let resp = req.request_async(&self.http).await.map_err(classify)?;
-        tracing::debug!(token_url = %crate::config::redact_url(self.token_url.as_str()), client_id = %self.client_id, expires_in = ?resp.expires_in(), "fetched an OAuth2 token");
+        tracing::debug!(token_url = %crate::settings::redact_url(self.token_url.as_str()), client_id = %self.client_id, expires_in = ?resp.expires_in(), "fetched an OAuth2 token");
         Ok(Token {
             value: Secret::new(resp.access_token().secret().clone()),
             // No expires_in (it is only RECOMMENDED, RFC 6749 §5.1): live until refresh_every.

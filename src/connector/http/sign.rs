@@ -7,8 +7,8 @@
 //! it as their de-duplication key; the timestamp (and so the signature) is fresh on every attempt,
 //! because receivers reject timestamps more than a few minutes off.
 
-use crate::config::Secret;
 use crate::connector::provider::sign::hmac_sha256_base64;
+use crate::settings::Secret;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 

@@ -1,6 +1,6 @@
 //! HMAC signing helpers (RFC 2104) for providers that sign requests: Standard Webhooks
 //! (HMAC-SHA256 over `id.timestamp.body`), chat robots (HMAC-SHA256 of `timestamp\nsecret`,
-//! base64). Keys stay in the caller's [`Secret`](crate::config::Secret); nothing here prints one.
+//! base64). Keys stay in the caller's [`Secret`](crate::settings::Secret); nothing here prints one.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;

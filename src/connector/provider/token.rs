@@ -6,9 +6,9 @@
 
 use std::future::Future;
 
-use crate::config::Secret;
 use crate::connector::token::TokenCache;
 use crate::connector::DeliveryError;
+use crate::settings::Secret;
 
 /// Calls `send` with the cache's token; if `rejected` finds the answer says the token is invalid,
 /// refreshes once and resends. `rejected` returns the error to report if the fresh token is

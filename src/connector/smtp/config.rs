@@ -12,7 +12,7 @@ use lettre::message::Mailbox;
 use serde::{Deserialize, Deserializer};
 
 use super::services::{self, Service};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, Secret, SecretSource};
 
 /// An `smtp` profile. The profile's table name may be an address (`["noreply@example.com"]`,
 /// Apostol's `<profile>@<domain>`), which then is the default sender.

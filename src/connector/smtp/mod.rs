@@ -46,7 +46,7 @@ use lettre::Address;
 pub use config::{AuthMethod, SmtpConfig, TlsMode};
 
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 use content::{Built, Form};
 
 pub struct SmtpConnector {
