@@ -423,19 +423,21 @@ impl Config {
             }
         }
         for kind in self.connectors.keys() {
-            if !crate::connector::KINDS.contains(&kind.as_str()) {
+            if crate::connector::kind(kind).is_none() {
                 return Err(ConfigError::new(
                     &self.source,
                     Some(format!("connectors.{kind}")),
                     format!(
                         "unknown connector kind (known: {})",
-                        crate::connector::KINDS.join(", ")
+                        crate::connector::kind_names()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
         }
         for (agent, kind) in &self.routes {
-            if !crate::connector::KINDS.contains(&kind.as_str()) {
+            if crate::connector::kind(kind).is_none() {
                 return Err(ConfigError::new(
                     &self.source,
                     Some(format!("routes.{agent}")),

@@ -32,7 +32,7 @@ use super::provider::{
 use super::redact::{self, Redactor};
 use super::token::{self, TokenCache};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::settings::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 mod auth;
 use auth::{load_key, JwtGrant};
@@ -97,10 +97,9 @@ pub struct FcmConnector {
 }
 
 impl FcmConnector {
-    pub fn new(profile: &str, cfg: &FcmConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("fcm.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &FcmConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let (key, signing) = load_key(cfg).map_err(|m| err(cfg.key_name(), m))?;
         let project_id = cfg
             .project_id

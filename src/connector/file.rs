@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::settings::{ConfigError, Dur};
+use crate::settings::{ConfigError, Dur, ProfileContext};
 
 /// A `file` profile.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,14 +50,14 @@ enum Target {
 }
 
 impl FileConnector {
-    pub fn new(profile: &str, cfg: &FileConfig) -> Result<Self, ConfigError> {
+    pub fn new(ctx: &ProfileContext, cfg: &FileConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
         let target =
             match (&cfg.path, &cfg.directory) {
                 (Some(p), None) => Target::Lines(p.clone()),
                 (None, Some(d)) => Target::Directory(d.clone()),
-                _ => return Err(ConfigError::new(
-                    "file.conf",
-                    Some(format!("{profile}.path")),
+                _ => return Err(ctx.error(
+                    "path",
                     "set exactly one of `path` (JSON lines) or `directory` (one file per message)",
                 )),
             };

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use super::provider::{classify_status, json_scalar, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::settings::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 mod soap;
 pub use soap::{
@@ -147,10 +147,9 @@ pub struct M2mConnector {
 }
 
 impl M2mConnector {
-    pub fn new(profile: &str, cfg: &M2mConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("m2m.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &M2mConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let url = cfg.url.clone().unwrap_or_else(|| {
             match cfg.api {
                 M2mApi::Soap => DEFAULT_SOAP_URL,

@@ -39,7 +39,7 @@ use serde_json::Value;
 use super::provider::{classify_status, json_scalar, kebab, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::settings::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 /// Sberbank's production host.
 pub const PRODUCTION_URL: &str = "https://securepayments.sberbank.ru";
@@ -115,10 +115,9 @@ pub struct SbaConnector {
 }
 
 impl SbaConnector {
-    pub fn new(profile: &str, cfg: &SbaConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("sba.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &SbaConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let base = cfg
             .base_url
             .clone()

@@ -44,7 +44,7 @@ use super::provider::{classify_status, json_scalar, read_response};
 use super::redact::{self, Redactor};
 use super::token::TokenCache;
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::settings::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 use allow::Policy;
 use sign::Signer;
 
@@ -251,10 +251,9 @@ fn is_secret_header(name: &str) -> bool {
 }
 
 impl HttpConnector {
-    pub fn new(profile: &str, cfg: &HttpConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("http.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &HttpConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let base_url =
             url::Url::parse(&cfg.url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
         if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
@@ -613,7 +612,7 @@ mod tests {
 
     fn build(text: &str) -> Result<HttpConnector, ConfigError> {
         let cfg: HttpConfig = toml::from_str(text).expect("parses");
-        HttpConnector::new("p", &cfg)
+        HttpConnector::new(&ProfileContext::new("http.conf", "p"), &cfg)
     }
 
     #[test]
@@ -621,7 +620,9 @@ mod tests {
         let text = include_str!("../../../conf/http.conf");
         let profiles = crate::config::parse_profiles("http", text, "conf/http.conf").unwrap();
         for (name, p) in &profiles {
-            p.connector.build(name).unwrap();
+            p.connector
+                .build(&ProfileContext::new("conf/http.conf", name.clone()))
+                .unwrap();
         }
         let oauth: Vec<&str> = text
             .lines()
@@ -641,7 +642,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        profiles[0].1.connector.build("default").unwrap();
+        profiles[0]
+            .1
+            .connector
+            .build(&ProfileContext::new("conf/http.conf", "default"))
+            .unwrap();
     }
 
     #[test]

@@ -46,7 +46,7 @@ use lettre::Address;
 pub use config::{AuthMethod, SmtpConfig, TlsMode};
 
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::settings::ConfigError;
+use crate::settings::{ConfigError, ProfileContext};
 use content::{Built, Form};
 
 pub struct SmtpConnector {
@@ -58,11 +58,10 @@ pub struct SmtpConnector {
 }
 
 impl SmtpConnector {
-    pub fn new(profile: &str, cfg: &SmtpConfig) -> Result<Self, ConfigError> {
-        let r = cfg.resolve(profile)?;
-        let err = |key: &str, msg: String| {
-            ConfigError::new("smtp.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &SmtpConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let r = cfg.resolve(ctx)?;
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let tls_parameters = || -> Result<TlsParameters, ConfigError> {
             let mut b = TlsParameters::builder(r.host.clone());
             if let Some(pem) = &r.ca_pem {
@@ -334,7 +333,11 @@ mod tests {
     fn a_profile_builds_without_a_runtime_and_without_connecting() {
         let cfg: SmtpConfig =
             toml::from_str("host = \"127.0.0.1\"\nport = 1\ntls = \"starttls\"").unwrap();
-        let c = SmtpConnector::new("noreply@example.com", &cfg).unwrap();
+        let c = SmtpConnector::new(
+            &ProfileContext::new("smtp.conf", "noreply@example.com"),
+            &cfg,
+        )
+        .unwrap();
         assert_eq!(c.name(), "smtp/noreply@example.com");
         assert_eq!(c.pool.idle_count(), 0);
     }
