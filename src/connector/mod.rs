@@ -1,5 +1,6 @@
-//! Connectors: the `Connector` trait, the message a connector sees, the typed delivery error, and
-//! the one explicit `match` that builds a connector from its configuration.
+//! Connectors: the `Connector` trait, the message a connector sees, the typed delivery error, the
+//! registry of kinds (`kinds!`: each kind declared once with its config, constructor and agents)
+//! and the one explicit `match` that builds a connector from its configuration.
 //!
 //! Invariants: a connector never touches the database; it turns one [`OutboxMessage`] into one
 //! provider call and says how it went, as a [`Receipt`] or a [`DeliveryError`] whose variant decides
