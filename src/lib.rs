@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod ops;
 pub mod render;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;

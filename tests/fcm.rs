@@ -386,7 +386,10 @@ async fn profiles_are_checked_at_build_and_healthcheck_sends_nothing() {
         let mut p = outboxd::config::parse_profiles("fcm", &text, "fcm.conf")
             .map_err(|e| format!("{e:?}"))?;
         let (name, profile) = p.remove(0);
-        profile.connector.build(&name).map_err(|e| e.to_string())
+        profile
+            .connector
+            .build(&outboxd::config::ProfileContext::new("fcm.conf", name))
+            .map_err(|e| e.to_string())
     };
     let ok = build(fcm_conf(&fcm, &key, "")).unwrap();
     ok.healthcheck().await.unwrap();

@@ -5,38 +5,20 @@
 //! [`Secret`]s, whose `Debug` and `Display` never print the value. Relative paths in the main file
 //! are relative to the main file's directory.
 
-mod duration;
-mod secret;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use duration::Dur;
-pub use secret::{is_credential_param, redact_url, Secret, SecretSource};
+// The leaf types live in `settings` so that `connector` need not import `config`; these paths
+// keep working.
+pub use crate::settings::{
+    deserialize_table, is_credential_param, redact_url, toml_syntax, ConfigError, Dur,
+    ProfileContext, Secret, SecretSource,
+};
 
 use crate::connector::ConnectorConfig;
-
-/// A configuration problem, naming the file and (when known) the key.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{file}{}: {message}", key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
-pub struct ConfigError {
-    pub file: String,
-    pub key: Option<String>,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(file: impl Into<String>, key: Option<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.into(),
-            key,
-            message: message.into(),
-        }
-    }
-}
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -441,19 +423,21 @@ impl Config {
             }
         }
         for kind in self.connectors.keys() {
-            if !crate::connector::KINDS.contains(&kind.as_str()) {
+            if crate::connector::kind(kind).is_none() {
                 return Err(ConfigError::new(
                     &self.source,
                     Some(format!("connectors.{kind}")),
                     format!(
                         "unknown connector kind (known: {})",
-                        crate::connector::KINDS.join(", ")
+                        crate::connector::kind_names()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
         }
         for (agent, kind) in &self.routes {
-            if !crate::connector::KINDS.contains(&kind.as_str()) {
+            if crate::connector::kind(kind).is_none() {
                 return Err(ConfigError::new(
                     &self.source,
                     Some(format!("routes.{agent}")),
@@ -585,85 +569,6 @@ fn env_value(v: &str) -> toml::Value {
     } else {
         toml::Value::String(v.to_string())
     }
-}
-
-/// Deserializes a table, reporting the path of the offending key.
-pub fn deserialize_table<T: serde::de::DeserializeOwned>(
-    table: toml::Table,
-) -> Result<T, (Option<String>, String)> {
-    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-        let path = e.path().to_string();
-        let message = without_value(e.into_inner().message());
-        let mut key = (path != "." && !path.is_empty()).then_some(path);
-        // serde reports an unknown field at its parent's path: name the field itself.
-        if let Some(field) = message
-            .strip_prefix("unknown field `")
-            .and_then(|r| r.split('`').next())
-        {
-            key = Some(match key {
-                Some(k) if k == field || k.ends_with(&format!(".{field}")) => k,
-                Some(k) => format!("{k}.{field}"),
-                None => field.to_string(),
-            });
-        }
-        (key, message)
-    })
-}
-
-/// A TOML syntax error as line, column and message. Not toml's `Display`, which quotes the
-/// offending source line: that line may hold a secret.
-fn toml_syntax(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim();
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("TOML syntax error at line {line}, column {column}: {message}")
-        }
-        None => format!("TOML syntax error: {message}"),
-    }
-}
-
-/// A serde message without the value it quotes (`invalid type: string "…", expected u32`,
-/// `unknown variant `…``): the value may be a secret written under the wrong key.
-fn without_value(message: &str) -> String {
-    for prefix in ["invalid type: ", "invalid value: "] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            if let Some(i) = rest.find(", expected") {
-                // serde's `Unexpected` is a kind, then the value in quotes or backticks.
-                let kind = rest[..i].split(['"', '`']).next().unwrap_or("").trim();
-                return format!("{prefix}{kind}{}", &rest[i..]);
-            }
-        }
-    }
-    if let Some(rest) = message.strip_prefix("unknown variant `") {
-        if let Some(i) = rest.find("`, expected") {
-            return format!("unknown variant{}", &rest[i + 1..]);
-        }
-    }
-    // Custom `invalid …` messages (`invalid duration "…": …`) quote the value in double quotes.
-    // (Other messages quote what the user must see, such as an unknown smtp `service` name.)
-    if !message.starts_with("invalid ") {
-        return message.to_string();
-    }
-    let mut out = String::new();
-    let mut parts = message.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
-    }
-    let rest: Vec<&str> = parts.collect();
-    for (i, p) in rest.iter().enumerate() {
-        match (i % 2, i + 1 == rest.len()) {
-            (0, false) => out.push('…'),
-            _ if i % 2 == 0 => {
-                out.push('"');
-                out.push_str(p);
-            }
-            _ => out.push_str(p),
-        }
-    }
-    out
 }
 
 /// Settings every profile has, whatever its connector.

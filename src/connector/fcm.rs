@@ -14,6 +14,7 @@
 //! from every error text; requests (token and send) never follow a redirect to another origin
 //! (`redirect-denied`). Facts: shared/providers.md §2.7.
 
+use crate::connector::codes;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +25,14 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::http::{classify_status, parse_retry_after, read_response, truncate};
+use super::provider::token::call_with_token;
+use super::provider::{
+    classify_status, kebab, parse_retry_after, read_response, retryable_status, truncate,
+};
 use super::redact::{self, Redactor};
 use super::token::{self, TokenCache};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 mod auth;
 use auth::{load_key, JwtGrant};
@@ -83,13 +87,6 @@ impl FcmConfig {
     }
 }
 
-/// RFC 9110 / house style: 408, 429 and 5xx except 501 are worth retrying.
-fn retryable_status(s: StatusCode) -> bool {
-    s == StatusCode::REQUEST_TIMEOUT
-        || s == StatusCode::TOO_MANY_REQUESTS
-        || (s.is_server_error() && s != StatusCode::NOT_IMPLEMENTED)
-}
-
 pub struct FcmConnector {
     name: String,
     client: reqwest::Client,
@@ -100,10 +97,9 @@ pub struct FcmConnector {
 }
 
 impl FcmConnector {
-    pub fn new(profile: &str, cfg: &FcmConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("fcm.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &FcmConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let (key, signing) = load_key(cfg).map_err(|m| err(cfg.key_name(), m))?;
         let project_id = cfg
             .project_id
@@ -137,7 +133,7 @@ impl FcmConnector {
         url::Url::parse(&token_uri).map_err(|e| err("token_uri", format!("invalid URL: {e}")))?;
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
         // The bearer token and the signed assertion never follow a redirect to another origin.
-        let client = crate::connector::http_client_builder(timeout)
+        let client = crate::connector::provider::http_client_builder(timeout)
             .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("endpoint", format!("cannot build the HTTP client: {e}")))?;
@@ -204,7 +200,7 @@ impl FcmConnector {
 }
 
 fn bad_content(reason: impl Into<String>) -> DeliveryError {
-    DeliveryError::permanent("bad-content", reason)
+    DeliveryError::permanent(codes::BAD_CONTENT.code, reason)
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -269,7 +265,7 @@ fn prepare_body(content: &str, address: Option<&str>) -> Result<Value, DeliveryE
                 .filter(|a| !a.is_empty())
                 .ok_or_else(|| {
                     DeliveryError::permanent(
-                    "bad-address",
+                    codes::BAD_ADDRESS.code,
                     "the message names no target (token, topic or condition) and has no address",
                 )
                 })?;
@@ -345,7 +341,7 @@ fn classify(status: StatusCode, headers: &HeaderMap, text: &str) -> DeliveryErro
         | "DEADLINE_EXCEEDED" | "ABORTED" => true,
         _ => retryable_status(status),
     };
-    let code = format!("fcm-{}", name.to_ascii_lowercase().replace('_', "-"));
+    let code = codes::family(codes::FCM_ERROR, &kebab(&name));
     let reason = format!(
         "HTTP {} {name}: {}",
         status.as_u16(),
@@ -374,7 +370,7 @@ impl Connector for FcmConnector {
     async fn healthcheck(&self) -> Result<(), DeliveryError> {
         load_key(&self.cfg)
             .map(|_| ())
-            .map_err(|m| DeliveryError::permanent("bad-credentials", m))
+            .map_err(|m| DeliveryError::permanent(codes::BAD_CREDENTIALS.code, m))
     }
 }
 
@@ -382,24 +378,23 @@ impl FcmConnector {
     async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let body = prepare_body(msg.content_required()?, msg.address.as_deref())?;
         let body = serde_json::to_vec(&body).expect("a JSON value serializes");
-        let token = self.tokens.get().await?;
-        let (mut status, mut headers, mut text) = self.post(&token, &body).await?;
-        if is_stale_token(status, &text) {
-            tracing::info!(connector = %self.name, "FCM rejected the access token; fetching a new one and sending again");
-            self.tokens.invalidate(&token).await;
-            let fresh = self.tokens.get().await?;
-            (status, headers, text) = self.post(&fresh, &body).await?;
-            if is_stale_token(status, &text) {
-                return Err(DeliveryError::retry(
-                    "token-invalid",
+        let rejected = |(status, _, text): &(StatusCode, HeaderMap, String)| {
+            is_stale_token(*status, text).then(|| {
+                DeliveryError::retry(
+                    codes::TOKEN_INVALID.code,
                     format!(
                         "FCM rejected a freshly fetched access token: {}",
-                        truncate(&text, 256)
+                        truncate(text, 256)
                     ),
                 )
-                .with_status(status.as_u16()));
-            }
-        }
+                .with_status(status.as_u16())
+            })
+        };
+        let (status, headers, text) = call_with_token(&self.tokens, &self.name, rejected, |t| {
+            let body = &body;
+            async move { self.post(&t, body).await }
+        })
+        .await?;
         if !status.is_success() {
             return Err(classify(status, &headers, &text));
         }

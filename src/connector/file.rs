@@ -6,6 +6,7 @@
 //! mutex, so lines of concurrent deliveries never interleave. The file stays open; a SIGHUP reload
 //! builds a new connector, which reopens it (rotate the spool, then HUP).
 
+use crate::connector::codes;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -14,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur};
+use crate::settings::{ConfigError, Dur, ProfileContext};
 
 /// A `file` profile.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,14 +50,14 @@ enum Target {
 }
 
 impl FileConnector {
-    pub fn new(profile: &str, cfg: &FileConfig) -> Result<Self, ConfigError> {
+    pub fn new(ctx: &ProfileContext, cfg: &FileConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
         let target =
             match (&cfg.path, &cfg.directory) {
                 (Some(p), None) => Target::Lines(p.clone()),
                 (None, Some(d)) => Target::Directory(d.clone()),
-                _ => return Err(ConfigError::new(
-                    "file.conf",
-                    Some(format!("{profile}.path")),
+                _ => return Err(ctx.error(
+                    "path",
                     "set exactly one of `path` (JSON lines) or `directory` (one file per message)",
                 )),
             };
@@ -72,7 +73,10 @@ impl FileConnector {
     fn record(&self, msg: &OutboxMessage) -> Result<serde_json::Value, DeliveryError> {
         let content = match (&msg.content, self.content_json) {
             (Some(c), true) => serde_json::from_str(c).map_err(|e| {
-                DeliveryError::permanent("bad-content", format!("content is not JSON: {e}"))
+                DeliveryError::permanent(
+                    codes::BAD_CONTENT.code,
+                    format!("content is not JSON: {e}"),
+                )
             })?,
             (c, _) => serde_json::Value::from(c.clone()),
         };
@@ -92,7 +96,7 @@ impl FileConnector {
 }
 
 fn io_error(e: std::io::Error) -> DeliveryError {
-    DeliveryError::retry("file-io", e.to_string())
+    DeliveryError::retry(codes::FILE_IO.code, e.to_string())
 }
 
 #[async_trait]
@@ -180,7 +184,7 @@ impl Connector for FileConnector {
         {
             Some(a) if a.is_dir() => Ok(()),
             _ => Err(DeliveryError::permanent(
-                "file-io",
+                codes::FILE_IO.code,
                 format!("cannot create {}", dir.display()),
             )),
         }

@@ -22,16 +22,17 @@
 //! Secrets: the password (and its MD5) and the token are scrubbed from every error text; requests
 //! never follow a redirect to another origin (`redirect-denied`).
 
+use crate::connector::codes;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
-use super::http::{classify_status, read_response, truncate};
+use super::provider::{classify_status, json_scalar, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 mod soap;
 pub use soap::{
@@ -146,10 +147,9 @@ pub struct M2mConnector {
 }
 
 impl M2mConnector {
-    pub fn new(profile: &str, cfg: &M2mConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("m2m.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &M2mConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let url = cfg.url.clone().unwrap_or_else(|| {
             match cfg.api {
                 M2mApi::Soap => DEFAULT_SOAP_URL,
@@ -225,7 +225,7 @@ impl M2mConnector {
         }
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
         // Credentials (header or envelope) never follow a redirect to another origin.
-        let client = crate::connector::http_client_builder(timeout)
+        let client = crate::connector::provider::http_client_builder(timeout)
             .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("url", format!("cannot build the HTTP client: {e}")))?;
@@ -288,7 +288,7 @@ impl M2mConnector {
             // from MTS: nothing was sent, so trying again is safe.
             Err(e) => {
                 return Err(DeliveryError::retry(
-                    "m2m-bad-response",
+                    codes::M2M_BAD_RESPONSE.code,
                     format!(
                         "HTTP 200 with a body that is not XML ({e}): {}",
                         truncate(&text, 256)
@@ -367,7 +367,7 @@ impl M2mConnector {
         if let Some(env) = detect_envelope(content)? {
             if self.api == M2mApi::Omnichannel {
                 return Err(DeliveryError::permanent(
-                    "bad-content",
+                    codes::BAD_CONTENT.code,
                     "content is a SOAP envelope, but the profile uses the omnichannel API",
                 ));
             }
@@ -404,7 +404,7 @@ pub fn md5_hex(s: &str) -> String {
 pub fn normalise_msid(address: &str, country_code: &str) -> Result<String, DeliveryError> {
     let bad = |why: &str| {
         DeliveryError::permanent(
-            "bad-address",
+            codes::BAD_ADDRESS.code,
             format!("\"{}\": {why}", truncate(address, 64)),
         )
     };
@@ -436,14 +436,14 @@ pub fn normalise_msid(address: &str, country_code: &str) -> Result<String, Deliv
 fn check_text(text: &str) -> Result<(), DeliveryError> {
     if text.trim().is_empty() {
         return Err(DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             "the message text is empty",
         ));
     }
     let n = text.chars().count();
     if n > MAX_MESSAGE_CHARS {
         return Err(DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             format!("the message has {n} characters; MTS accepts at most {MAX_MESSAGE_CHARS}"),
         ));
     }
@@ -451,7 +451,7 @@ fn check_text(text: &str) -> Result<(), DeliveryError> {
         (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{FFFE}' | '\u{FFFF}')
     }) {
         return Err(DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             format!(
                 "the message contains U+{:04X}, which XML cannot carry",
                 c as u32
@@ -459,13 +459,6 @@ fn check_text(text: &str) -> Result<(), DeliveryError> {
         ));
     }
     Ok(())
-}
-
-fn json_scalar(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

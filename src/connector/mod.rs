@@ -1,5 +1,6 @@
-//! Connectors: the `Connector` trait, the message a connector sees, the typed delivery error, and
-//! the one explicit `match` that builds a connector from its configuration.
+//! Connectors: the `Connector` trait, the message a connector sees, the typed delivery error, the
+//! registry of kinds (`kinds!`: each kind declared once with its config, constructor and agents)
+//! and the one explicit `match` that builds a connector from its configuration.
 //!
 //! Invariants: a connector never touches the database; it turns one [`OutboxMessage`] into one
 //! provider call and says how it went, as a [`Receipt`] or a [`DeliveryError`] whose variant decides
@@ -7,10 +8,12 @@
 //! One connector object exists per (kind, profile), so per-profile state (clients, pools, token
 //! caches) lives in the object.
 
+pub mod codes;
 pub mod fcm;
 pub mod file;
 pub mod http;
 pub mod m2m;
+pub mod provider;
 pub mod redact;
 pub mod sba;
 pub mod smtp;
@@ -22,7 +25,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::config::ConfigError;
+use crate::settings::{ConfigError, ProfileContext};
 
 /// A claimed message, as the hot path returns it (`outbox.claim`).
 #[derive(Debug, Clone)]
@@ -47,9 +50,9 @@ pub struct OutboxMessage {
 impl OutboxMessage {
     /// The content, or a `bad-content` permanent error when the message has none.
     pub fn content_required(&self) -> Result<&str, DeliveryError> {
-        self.content
-            .as_deref()
-            .ok_or_else(|| DeliveryError::permanent("bad-content", "the message has no content"))
+        self.content.as_deref().ok_or_else(|| {
+            DeliveryError::permanent(codes::BAD_CONTENT.code, "the message has no content")
+        })
     }
 
     /// The address, or a `bad-address` permanent error when the message has none.
@@ -57,7 +60,7 @@ impl OutboxMessage {
         match self.address.as_deref() {
             Some(a) if !a.trim().is_empty() => Ok(a),
             _ => Err(DeliveryError::permanent(
-                "bad-address",
+                codes::BAD_ADDRESS.code,
                 "the message has no address",
             )),
         }
@@ -114,6 +117,13 @@ impl DeliveryError {
         }
     }
 
+    /// The platform said "too fast" (DingTalk 130101, WeCom 45009, Feishu 11232, Slack
+    /// `ratelimited`, Telegram 429): a retry not before `block`. The rate limiter holds the whole
+    /// profile (not only this message) back by `block`, as the platform does.
+    pub fn too_fast(code: impl Into<String>, reason: impl Into<String>, block: Duration) -> Self {
+        DeliveryError::retry(code, reason).with_retry_after(Some(block))
+    }
+
     /// Sets the remote status (HTTP status, SMTP reply code).
     pub fn with_status(mut self, status: impl Into<i32>) -> Self {
         let s = Some(status.into());
@@ -156,19 +166,9 @@ impl DeliveryError {
     }
 }
 
-/// The HTTP client settings every HTTP-based connector starts from: a total timeout, a connect
-/// timeout of at most 10 s, and outboxd's user agent. Connectors add their own (resolver, redirects)
-/// before `build()`.
-pub fn http_client_builder(timeout: Duration) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")))
-}
-
 /// The error of a delivery whose provider call did not answer within the profile's `timeout`.
 pub fn timed_out(timeout: Duration) -> DeliveryError {
-    DeliveryError::retry("timeout", format!("no answer within {timeout:?}"))
+    DeliveryError::retry(codes::TIMEOUT.code, format!("no answer within {timeout:?}"))
 }
 
 /// A delivery channel for one profile.
@@ -205,54 +205,149 @@ pub trait Connector: Send + Sync {
     }
 }
 
-/// The configuration of one profile of one connector kind. The kind comes from the name the main
-/// configuration gives the connector's `.conf` file (`[connectors] http = "http.conf"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-#[allow(clippy::large_enum_variant)] // parsed once per profile: size does not matter
-pub enum ConnectorConfig {
-    File(file::FileConfig),
-    Fcm(fcm::FcmConfig),
-    Http(http::HttpConfig),
-    M2m(m2m::M2mConfig),
-    Sba(sba::SbaConfig),
-    Smtp(smtp::SmtpConfig),
+/// Parses one profile table; the error is (key path, message).
+pub type ParseProfile = fn(toml::Table) -> Result<ConnectorConfig, (Option<String>, String)>;
+
+/// One connector kind, declared once in [`kinds!`]: its name (as written in `[connectors]`), its
+/// built-in agents, how to parse a profile of it and how to build its connector.
+pub struct KindSpec {
+    pub name: &'static str,
+    /// Built-in routes as (agent type, agent); `"*"` as agent: any agent of that type not routed
+    /// more specifically.
+    pub agents: &'static [(&'static str, &'static str)],
+    /// Parses one profile table (see [`ConnectorConfig::from_table`]).
+    pub parse: ParseProfile,
+}
+
+// STYLE asks for one explicit `match` over the kinds; this macro writes the enum, the table of
+// kinds and the one `match` of `build` from a single list, so a kind is declared on one line.
+macro_rules! kinds {
+    ($($variant:ident = $name:literal, $module:ident :: $config:ident => $connector:ident,
+        agents [$(($ty:literal, $agent:literal)),*];)*) => {
+        /// The configuration of one profile of one connector kind. The kind comes from the name
+        /// the main configuration gives the connector's `.conf` file (`[connectors] http =
+        /// "http.conf"`).
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(tag = "kind", rename_all = "lowercase")]
+        #[allow(clippy::large_enum_variant)] // parsed once per profile: size does not matter
+        pub enum ConnectorConfig {
+            $($variant($module::$config),)*
+        }
+
+        /// Every connector kind outboxd knows.
+        pub const REGISTRY: &[KindSpec] = &[$(KindSpec {
+            name: $name,
+            agents: &[$(($ty, $agent)),*],
+            // Each kind is deserialized directly (not through the tagged enum, whose buffering
+            // loses the path), so errors name the exact key.
+            parse: |t| crate::settings::deserialize_table(t).map(ConnectorConfig::$variant),
+        }),*];
+
+        impl ConnectorConfig {
+            /// Builds the connector. This is the one place that knows every kind.
+            pub fn build(
+                &self,
+                ctx: &ProfileContext,
+            ) -> Result<std::sync::Arc<dyn Connector>, ConfigError> {
+                Ok(match self {
+                    $(ConnectorConfig::$variant(c) => {
+                        std::sync::Arc::new($module::$connector::new(ctx, c)?)
+                    })*
+                })
+            }
+        }
+    };
+}
+
+kinds! {
+    File = "file", file::FileConfig => FileConnector, agents [("system.agent", "file.agent")];
+    Http = "http", http::HttpConfig => HttpConnector, agents [("api.agent", "*")];
+    Fcm = "fcm", fcm::FcmConfig => FcmConnector, agents [("api.agent", "fcm.agent")];
+    M2m = "m2m", m2m::M2mConfig => M2mConnector, agents [("api.agent", "m2m.agent")];
+    Sba = "sba", sba::SbaConfig => SbaConnector, agents [("api.agent", "sba.agent")];
+    Smtp = "smtp", smtp::SmtpConfig => SmtpConnector, agents [("email.agent", "smtp.agent")];
+}
+
+/// The kind of a name written in `[connectors]`.
+pub fn kind(name: &str) -> Option<&'static KindSpec> {
+    REGISTRY.iter().find(|k| k.name == name)
 }
 
 /// Connector kinds outboxd knows, as written in `[connectors]`.
-pub const KINDS: &[&str] = &["file", "http", "fcm", "m2m", "sba", "smtp"];
+pub fn kind_names() -> impl Iterator<Item = &'static str> {
+    REGISTRY.iter().map(|k| k.name)
+}
+
+/// The kind an agent is routed to by default: an exact (agent type, agent) entry first, then an
+/// agent type's `"*"` entry.
+pub fn builtin_route(agent_type: &str, agent: &str) -> Option<&'static str> {
+    let find = |want: &str| {
+        REGISTRY.iter().find_map(|k| {
+            k.agents
+                .iter()
+                .any(|(t, a)| *t == agent_type && *a == want)
+                .then_some(k.name)
+        })
+    };
+    find(agent).or_else(|| find("*"))
+}
 
 impl ConnectorConfig {
-    /// Parses one profile table of a `<kind>.conf` file. Each kind is deserialized directly (not
-    /// through the tagged enum, whose buffering loses the path), so errors name the exact key.
-    pub fn from_table(kind: &str, table: toml::Table) -> Result<Self, (Option<String>, String)> {
-        use crate::config::deserialize_table as de;
-        match kind {
-            "file" => de(table).map(ConnectorConfig::File),
-            "fcm" => de(table).map(ConnectorConfig::Fcm),
-            "http" => de(table).map(ConnectorConfig::Http),
-            "m2m" => de(table).map(ConnectorConfig::M2m),
-            "sba" => de(table).map(ConnectorConfig::Sba),
-            "smtp" => de(table).map(ConnectorConfig::Smtp),
-            other => Err((
+    /// Parses one profile table of a `<kind>.conf` file; errors name the exact key.
+    pub fn from_table(
+        kind_name: &str,
+        table: toml::Table,
+    ) -> Result<Self, (Option<String>, String)> {
+        match kind(kind_name) {
+            Some(k) => (k.parse)(table),
+            None => Err((
                 None,
                 format!(
-                    "unknown connector kind \"{other}\" (known: {})",
-                    KINDS.join(", ")
+                    "unknown connector kind \"{kind_name}\" (known: {})",
+                    kind_names().collect::<Vec<_>>().join(", ")
                 ),
             )),
         }
     }
+}
 
-    /// Builds the connector. This is the one place that knows every kind.
-    pub fn build(&self, profile: &str) -> Result<std::sync::Arc<dyn Connector>, ConfigError> {
-        Ok(match self {
-            ConnectorConfig::File(c) => std::sync::Arc::new(file::FileConnector::new(profile, c)?),
-            ConnectorConfig::Fcm(c) => std::sync::Arc::new(fcm::FcmConnector::new(profile, c)?),
-            ConnectorConfig::Http(c) => std::sync::Arc::new(http::HttpConnector::new(profile, c)?),
-            ConnectorConfig::M2m(c) => std::sync::Arc::new(m2m::M2mConnector::new(profile, c)?),
-            ConnectorConfig::Sba(c) => std::sync::Arc::new(sba::SbaConnector::new(profile, c)?),
-            ConnectorConfig::Smtp(c) => std::sync::Arc::new(smtp::SmtpConnector::new(profile, c)?),
-        })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_keeps_the_built_in_routes_and_kinds() {
+        assert_eq!(
+            kind_names().collect::<Vec<_>>(),
+            ["file", "http", "fcm", "m2m", "sba", "smtp"]
+        );
+        for (ty, agent, want) in [
+            ("email.agent", "smtp.agent", Some("smtp")),
+            ("api.agent", "fcm.agent", Some("fcm")),
+            ("api.agent", "m2m.agent", Some("m2m")),
+            ("api.agent", "sba.agent", Some("sba")),
+            ("api.agent", "anything.agent", Some("http")),
+            ("system.agent", "file.agent", Some("file")),
+            ("system.agent", "other.agent", None),
+            ("email.agent", "other.agent", None),
+        ] {
+            assert_eq!(builtin_route(ty, agent), want, "{ty}/{agent}");
+        }
+        let e = ConnectorConfig::from_table("nope", toml::Table::new()).unwrap_err();
+        assert_eq!(
+            e.1,
+            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp)"
+        );
+    }
+
+    #[test]
+    fn build_errors_name_the_file_and_key_of_the_context() {
+        let cfg = ConnectorConfig::from_table("file", toml::Table::new()).unwrap();
+        let e = cfg
+            .build(&ProfileContext::new("conf.d/ops.conf", "audit"))
+            .err()
+            .expect("neither path nor directory");
+        assert_eq!(e.file, "conf.d/ops.conf");
+        assert_eq!(e.key.as_deref(), Some("audit.path"));
     }
 }

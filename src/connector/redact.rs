@@ -12,10 +12,11 @@
 //! drops it (as [`reqwest::Error::without_url`] does, but from a reference).
 //! An origin is scheme, host and port (two `127.0.0.1:0` listeners are two origins).
 
+use crate::connector::codes;
 use std::borrow::Cow;
 
 use super::{DeliveryError, Receipt};
-use crate::config::is_credential_param;
+use crate::settings::is_credential_param;
 
 /// Secrets shorter than this are not searched for in texts (replacing every `1` of a text would
 /// hide more than it protects); configuration checks keep real credentials longer than that.
@@ -265,7 +266,7 @@ pub fn redirect_refused(e: &reqwest::Error) -> Option<&RedirectRefused> {
 /// a transport error.
 pub fn send_error(e: &reqwest::Error) -> DeliveryError {
     match redirect_refused(e) {
-        Some(r) => DeliveryError::permanent("redirect-denied", r.to_string()),
+        Some(r) => DeliveryError::permanent(codes::REDIRECT_DENIED.code, r.to_string()),
         None => transport_error(e),
     }
 }

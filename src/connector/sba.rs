@@ -28,6 +28,7 @@
 //! amount, the message is done with that order's id. That makes a retry after a crash or a lost
 //! response idempotent.
 
+use crate::connector::codes;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,10 +36,10 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::http::{classify_status, read_response, truncate};
+use super::provider::{classify_status, json_scalar, kebab, read_response, truncate};
 use super::redact::{self, Redactor};
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 /// Sberbank's production host.
 pub const PRODUCTION_URL: &str = "https://securepayments.sberbank.ru";
@@ -114,10 +115,9 @@ pub struct SbaConnector {
 }
 
 impl SbaConnector {
-    pub fn new(profile: &str, cfg: &SbaConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("sba.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &SbaConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let base = cfg
             .base_url
             .clone()
@@ -168,7 +168,7 @@ impl SbaConnector {
         let timeout = cfg.timeout.map_or(Duration::from_secs(30), |d| d.0);
         // The form carries the merchant's password: never to another origin (a 307/308 would
         // resend it).
-        let client = crate::connector::http_client_builder(timeout)
+        let client = crate::connector::provider::http_client_builder(timeout)
             .redirect(redact::same_origin_redirects())
             .build()
             .map_err(|e| err("base_url", format!("cannot build the HTTP client: {e}")))?;
@@ -224,7 +224,7 @@ impl SbaConnector {
             .filter(Value::is_object)
             .ok_or_else(|| {
                 DeliveryError::retry(
-                    "sba-bad-response",
+                    codes::SBA_BAD_RESPONSE.code,
                     format!(
                         "HTTP 200 with a body that is not a JSON object: {}",
                         truncate(&text, 256)
@@ -305,7 +305,7 @@ impl SbaConnector {
         msg: &OutboxMessage,
         params: &mut Vec<(String, String)>,
     ) -> Result<(String, String), DeliveryError> {
-        let bad = |m: String| DeliveryError::permanent("bad-content", m);
+        let bad = |m: String| DeliveryError::permanent(codes::BAD_CONTENT.code, m);
         let get = |params: &[(String, String)], k: &str| {
             params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         };
@@ -376,7 +376,7 @@ impl SbaConnector {
                 .any(|s| s.to_ascii_lowercase().ends_with(".do"));
         if odd || !self.methods.contains(&method) {
             return Err(DeliveryError::permanent(
-                "method-denied",
+                codes::METHOD_DENIED.code,
                 format!(
                     "method \"{}\" is not in the profile's methods ({}); nothing was sent",
                     truncate(method_name(path), 64),
@@ -406,7 +406,7 @@ impl SbaConnector {
                 let order_id = v.get("orderId").map(json_scalar).filter(|s| !s.is_empty());
                 if register && order_id.is_none() {
                     return Err(DeliveryError::retry(
-                        "sba-bad-response",
+                        codes::SBA_BAD_RESPONSE.code,
                         format!(
                             "register answered without orderId: {}",
                             truncate(&text, 256)
@@ -427,7 +427,7 @@ impl SbaConnector {
                 Err(DeliveryError::retry("sba-7", message).with_status(status_i))
             }
             (Some((code, message)), _) => Err(DeliveryError::permanent(
-                format!("sba-{}", kebab(&code)),
+                codes::family(codes::SBA_ERROR, &kebab(&code)),
                 message,
             )
             .with_status(status_i)),
@@ -466,7 +466,7 @@ fn request_path(address: Option<&str>) -> Result<String, DeliveryError> {
     }
     if a.contains("://") || a.starts_with("//") || a.contains(['?', '#', ' ']) {
         return Err(DeliveryError::permanent(
-            "bad-address",
+            codes::BAD_ADDRESS.code,
             format!(
                 "address \"{}\" must be a path such as {DEFAULT_PATH}",
                 truncate(a, 64)
@@ -499,7 +499,10 @@ pub fn parse_params(content: &str) -> Result<Vec<(String, String)>, DeliveryErro
     let t = content.trim();
     if t.starts_with('{') {
         let obj: serde_json::Map<String, Value> = serde_json::from_str(t).map_err(|e| {
-            DeliveryError::permanent("bad-content", format!("content is not a JSON object: {e}"))
+            DeliveryError::permanent(
+                codes::BAD_CONTENT.code,
+                format!("content is not a JSON object: {e}"),
+            )
         })?;
         return Ok(obj
             .into_iter()
@@ -543,33 +546,6 @@ fn check_absolute(u: &str) -> Result<(), String> {
             "\"{}\" is not an absolute http(s) URL",
             truncate(u, 128)
         )),
-    }
-}
-
-/// A provider's error code as a kebab-case fragment.
-fn kebab(code: &str) -> String {
-    let s: String = code
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let s = s.trim_matches('-').to_string();
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s
-    }
-}
-
-fn json_scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
     }
 }
 

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use super::redact::Redactor;
 use super::{DeliveryError, Receipt};
-use crate::config::Secret;
+use crate::settings::Secret;
 
 /// How many of the latest tokens [`TokenCache::redact`] scrubs: the current one and the one it
 /// replaced (still in flight in deliveries that started before the refresh).

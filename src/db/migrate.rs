@@ -19,6 +19,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "retention", include_str!("../../sql/005_retention.sql")),
     (6, "apostol", include_str!("../../sql/006_apostol.sql")),
     (7, "templates", include_str!("../../sql/007_templates.sql")),
+    (
+        8,
+        "chat_agents",
+        include_str!("../../sql/008_chat_agents.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"

@@ -9,20 +9,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::config::{ConfigError, ProfileCommon, Profiles};
+use crate::config::{ConfigError, ProfileCommon, ProfileContext, Profiles};
 use crate::connector::{Connector, DeliveryError, OutboxMessage};
 
 /// The built-in route of an agent, if any.
+/// Each kind declares its agents in [`crate::connector::REGISTRY`].
 pub fn builtin_route(agent_type: &str, agent: &str) -> Option<&'static str> {
-    match (agent_type, agent) {
-        ("email.agent", "smtp.agent") => Some("smtp"),
-        ("api.agent", "fcm.agent") => Some("fcm"),
-        ("api.agent", "m2m.agent") => Some("m2m"),
-        ("api.agent", "sba.agent") => Some("sba"),
-        ("api.agent", _) => Some("http"),
-        ("system.agent", "file.agent") => Some("file"),
-        _ => None,
-    }
+    crate::connector::builtin_route(agent_type, agent)
 }
 
 /// A connector ready for one profile, with the profile's common settings.
@@ -47,7 +40,10 @@ impl Router {
         let mut by_kind: HashMap<String, HashMap<String, Route>> = HashMap::new();
         let mut errors = Vec::new();
         for ((kind, name), p) in &profiles.map {
-            match p.connector.build(name) {
+            match p
+                .connector
+                .build(&ProfileContext::new(p.source.clone(), name.clone()))
+            {
                 Ok(connector) => {
                     by_kind.entry(kind.clone()).or_default().insert(
                         name.clone(),
@@ -57,11 +53,8 @@ impl Router {
                         },
                     );
                 }
-                Err(mut e) => {
-                    // Connectors name their kind's usual file; the real one is known here.
-                    e.file = p.source.clone();
-                    errors.push(e);
-                }
+                // The context names the real file, so the error already does.
+                Err(e) => errors.push(e),
             }
         }
         if !errors.is_empty() {

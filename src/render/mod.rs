@@ -16,7 +16,7 @@
 pub mod store;
 pub mod text;
 
-use crate::connector::DeliveryError;
+use crate::connector::{codes, DeliveryError};
 
 /// A template kind, as stored in `outbox.templates.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,32 +129,20 @@ impl RenderError {
     /// The stable error code stored in `outbox.attempts.error_code`.
     pub fn code(&self) -> &'static str {
         match self {
-            RenderError::Syntax { .. } => "template-syntax",
-            RenderError::MissingVar { .. } => "template-missing-var",
-            RenderError::Render { .. } => "template-render",
-            RenderError::Unsupported(_) => "template-unsupported",
+            RenderError::Syntax { .. } => codes::TEMPLATE_SYNTAX.code,
+            RenderError::MissingVar { .. } => codes::TEMPLATE_MISSING_VAR.code,
+            RenderError::Render { .. } => codes::TEMPLATE_RENDER.code,
+            RenderError::Unsupported(_) => codes::TEMPLATE_UNSUPPORTED.code,
         }
     }
 }
 
-/// Every stable error code of this module, with one line of meaning (all permanent).
-pub const ERROR_CODES: &[(&str, &str)] = &[
-    (
-        "template-missing-var",
-        "a variable the template uses is missing; error_text names it",
-    ),
-    (
-        "template-syntax",
-        "the stored template does not parse (saved with plain SQL)",
-    ),
-    (
-        "template-render",
-        "the template failed while rendering (a filter given the wrong type…)",
-    ),
-    (
-        "template-unsupported",
-        "the template's kind has no renderer yet (image)",
-    ),
+/// Every stable error code of this module (all permanent), declared in `connector::codes`.
+pub const ERROR_CODES: &[codes::Code] = &[
+    codes::TEMPLATE_MISSING_VAR,
+    codes::TEMPLATE_SYNTAX,
+    codes::TEMPLATE_RENDER,
+    codes::TEMPLATE_UNSUPPORTED,
 ];
 
 impl From<RenderError> for DeliveryError {
@@ -249,7 +237,7 @@ mod tests {
                 detail: String::new(),
             },
         ] {
-            assert!(ERROR_CODES.iter().any(|(c, _)| *c == e.code()));
+            assert!(ERROR_CODES.iter().any(|c| c.code == e.code()));
         }
         assert_eq!(
             Kind::parse("image").unwrap_err().code(),
@@ -261,7 +249,7 @@ mod tests {
     #[test]
     fn the_readme_lists_every_code() {
         let readme = include_str!("../../README.md");
-        for (code, meaning) in ERROR_CODES {
+        for codes::Code { code, meaning, .. } in ERROR_CODES {
             let row = readme
                 .lines()
                 .find(|l| l.starts_with(&format!("| `{code}` | permanent |")))

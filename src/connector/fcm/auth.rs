@@ -3,18 +3,19 @@
 //! errors: `token-fetch` (retry) for transport failures and 408/429/5xx, `token-denied`
 //! (permanent) for any other refusal, since an operator must fix the key or the account.
 
+use crate::connector::codes;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{retryable_status, FcmConfig, MAX_RESPONSE_BYTES};
-use crate::config::Secret;
-use crate::connector::http::{parse_retry_after, read_limited, truncate};
+use super::{FcmConfig, MAX_RESPONSE_BYTES};
+use crate::connector::provider::{parse_retry_after, read_limited, retryable_status, truncate};
 use crate::connector::redact;
 use crate::connector::token::{Token, TokenSource};
 use crate::connector::DeliveryError;
+use crate::settings::Secret;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -107,7 +108,7 @@ struct TokenResponse {
 impl TokenSource for JwtGrant {
     async fn fetch(&self) -> Result<Token, DeliveryError> {
         let assertion = sign_assertion(&self.key, &self.signing, &self.token_uri).map_err(|e| {
-            DeliveryError::permanent("bad-credentials", format!("cannot sign: {e}"))
+            DeliveryError::permanent(codes::BAD_CREDENTIALS.code, format!("cannot sign: {e}"))
         })?;
         let resp = self
             .client
@@ -128,7 +129,7 @@ impl TokenSource for JwtGrant {
         if status.is_success() {
             let t: TokenResponse = serde_json::from_str(&text).map_err(|e| {
                 DeliveryError::retry(
-                    "token-fetch",
+                    codes::TOKEN_FETCH.code,
                     format!("the token endpoint answered {status} without an access_token: {e}"),
                 )
             })?;
@@ -148,12 +149,13 @@ impl TokenSource for JwtGrant {
             .unwrap_or_else(|| truncate(&text, 256).to_string());
         let reason = format!("the token endpoint answered {status}: {}", why.trim());
         if retryable_status(status) {
-            Err(DeliveryError::retry("token-fetch", reason)
+            Err(DeliveryError::retry(codes::TOKEN_FETCH.code, reason)
                 .with_retry_after(parse_retry_after(&headers))
                 .with_status(status.as_u16()))
         } else {
             // A deleted key, a disabled account, a wrong token_uri: an operator must act.
-            Err(DeliveryError::permanent("token-denied", reason).with_status(status.as_u16()))
+            Err(DeliveryError::permanent(codes::TOKEN_DENIED.code, reason)
+                .with_status(status.as_u16()))
         }
     }
 }
@@ -165,7 +167,7 @@ fn token_transport(e: &reqwest::Error) -> DeliveryError {
         return inner;
     }
     DeliveryError::retry(
-        "token-fetch",
+        codes::TOKEN_FETCH.code,
         format!("token endpoint: {}: {}", inner.code(), inner.reason()),
     )
 }

@@ -26,23 +26,25 @@ pub mod allow;
 pub mod oauth;
 pub mod sign;
 
-pub use super::redact::transport_error as classify_transport;
+// `dispatch` truncates error texts with this path; the helper lives in the provider toolkit.
+pub use super::provider::truncate;
 
+use crate::connector::codes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::header::{
-    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER,
-};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
+use super::provider::token::call_with_token;
+use super::provider::{classify_status, json_scalar, read_response};
 use super::redact::{self, Redactor};
 use super::token::TokenCache;
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 use allow::Policy;
 use sign::Signer;
 
@@ -245,14 +247,13 @@ fn parse_credential_hosts(list: &[String]) -> Result<Vec<(String, Option<u16>)>,
 /// marked sensitive and scrubbed from texts.
 fn is_secret_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("cookie") || crate::config::is_credential_param(&n)
+    n.contains("cookie") || crate::settings::is_credential_param(&n)
 }
 
 impl HttpConnector {
-    pub fn new(profile: &str, cfg: &HttpConfig) -> Result<Self, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("http.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &HttpConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let base_url =
             url::Url::parse(&cfg.url).map_err(|e| err("url", format!("invalid URL: {e}")))?;
         if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
@@ -322,7 +323,7 @@ impl HttpConnector {
         });
         let redirect_policy = policy.clone();
         let redirect_origins = credential_origins.clone();
-        let client = crate::connector::http_client_builder(timeout)
+        let client = crate::connector::provider::http_client_builder(timeout)
             // Names are checked where they are resolved for the connection (no rebinding window)…
             .dns_resolver(Arc::new(allow::Guard(policy.clone())))
             // …and IP-literal redirect targets, which never reach the resolver, here; credentials
@@ -398,7 +399,7 @@ impl HttpConnector {
         let text = if absolute {
             if !self.allow_absolute_address {
                 return Err(DeliveryError::permanent(
-                    "host-denied",
+                    codes::HOST_DENIED.code,
                     "the address is an absolute URL and the profile does not set allow_absolute_address",
                 ));
             }
@@ -411,14 +412,17 @@ impl HttpConnector {
             format!("{}/{address}", self.base)
         };
         let url = url::Url::parse(&text).map_err(|e| {
-            DeliveryError::permanent("bad-address", format!("not a valid URL ({e}): {text}"))
+            DeliveryError::permanent(
+                codes::BAD_ADDRESS.code,
+                format!("not a valid URL ({e}): {text}"),
+            )
         })?;
         // A path cannot move the request to another host; if the URL parser disagrees, refuse.
         if !absolute
             && (url.host() != self.base_url.host() || url.scheme() != self.base_url.scheme())
         {
             return Err(DeliveryError::permanent(
-                "host-denied",
+                codes::HOST_DENIED.code,
                 format!("the address changes the host of the profile's URL: {address}"),
             ));
         }
@@ -434,45 +438,6 @@ impl HttpConnector {
             _ => self.method.clone(),
         }
     }
-}
-
-/// Parses `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
-pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let delta = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(delta.to_std().unwrap_or(Duration::ZERO))
-}
-
-/// The house classification of an HTTP status that is not a success.
-pub fn classify_status(status: StatusCode, body: &str, headers: &HeaderMap) -> DeliveryError {
-    let code = format!("http-{}", status.as_u16());
-    let reason = format!("HTTP {}: {}", status.as_u16(), truncate(body, 256));
-    let retryable = status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED);
-    if retryable {
-        DeliveryError::retry(code, reason)
-            .with_retry_after(parse_retry_after(headers))
-            .with_status(status.as_u16() as i32)
-    } else {
-        DeliveryError::permanent(code, reason).with_status(status.as_u16() as i32)
-    }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[async_trait]
@@ -506,7 +471,7 @@ impl HttpConnector {
         if self.validate_json && !bodiless {
             if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
                 return Err(DeliveryError::permanent(
-                    "bad-content",
+                    codes::BAD_CONTENT.code,
                     format!("content is not valid JSON: {e}"),
                 ));
             }
@@ -522,12 +487,18 @@ impl HttpConnector {
             headers.insert(CONTENT_TYPE, self.content_type.clone());
         }
         let code = HeaderValue::from_str(&msg.code).map_err(|_| {
-            DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+            DeliveryError::permanent(
+                codes::BAD_CODE.code,
+                "the message code is not a valid header value",
+            )
         })?;
         if let Some(h) = &self.idempotency_header {
             // draft-ietf-httpapi-idempotency-key-header: the value is a Structured-Field string.
             let v = HeaderValue::from_str(&format!("\"{}\"", msg.code)).map_err(|_| {
-                DeliveryError::permanent("bad-code", "the message code is not a valid header value")
+                DeliveryError::permanent(
+                    codes::BAD_CODE.code,
+                    "the message code is not a valid header value",
+                )
             })?;
             headers.insert(h.clone(), v);
         }
@@ -543,38 +514,31 @@ impl HttpConnector {
         }
         let body = (!bodiless).then_some(body);
         let oauth = self.oauth.as_ref().filter(|_| credentials);
-        let resp = match oauth {
-            None => self.send(&method, &url, headers, &body).await?,
+        let send = |headers: HeaderMap| async {
+            let resp = self.send(&method, &url, headers, &body).await?;
+            read_response(resp, self.max_response_bytes).await
+        };
+        let (status, resp_headers, text) = match oauth {
+            None => send(headers).await?,
+            // RFC 6750 §3.1: a 401 means the token expired or was revoked: refresh once (one
+            // fetch for all the requests that saw this token) and resend.
             Some((cache, scheme)) => {
-                let token = cache.get().await?;
-                let resp = self
-                    .send(&method, &url, with_token(&headers, scheme, &token)?, &body)
-                    .await?;
-                if resp.status() != StatusCode::UNAUTHORIZED {
-                    resp
-                } else {
-                    // RFC 6750 §3.1: the token expired or was revoked. Refresh once (one fetch for
-                    // all the requests that saw this token) and resend.
-                    drop(resp);
-                    tracing::debug!(message_id = %msg.id, profile = %msg.profile, "HTTP 401: refreshing the OAuth2 token");
-                    cache.invalidate(&token).await;
-                    let fresh = cache.get().await?;
-                    let resp = self
-                        .send(&method, &url, with_token(&headers, scheme, &fresh)?, &body)
-                        .await?;
-                    if resp.status() == StatusCode::UNAUTHORIZED {
-                        let (_, _, text) = read_response(resp, self.max_response_bytes).await?;
-                        return Err(DeliveryError::retry(
-                            "token-invalid",
-                            format!("HTTP 401 with a fresh token: {}", truncate(&text, 256)),
+                let rejected = |(status, _, text): &(StatusCode, HeaderMap, String)| {
+                    (*status == StatusCode::UNAUTHORIZED).then(|| {
+                        DeliveryError::retry(
+                            codes::TOKEN_INVALID.code,
+                            format!("HTTP 401 with a fresh token: {}", truncate(text, 256)),
                         )
-                        .with_status(401));
-                    }
-                    resp
-                }
+                        .with_status(401)
+                    })
+                };
+                call_with_token(cache, &self.name, rejected, |token| {
+                    let headers = with_token(&headers, scheme, &token);
+                    async move { send(headers?).await }
+                })
+                .await?
             }
         };
-        let (status, resp_headers, text) = read_response(resp, self.max_response_bytes).await?;
         if !status.is_success() {
             return Err(classify_status(status, &text, &resp_headers));
         }
@@ -619,7 +583,10 @@ fn with_token(
     token: &Secret,
 ) -> Result<HeaderMap, DeliveryError> {
     let mut v = HeaderValue::from_str(&format!("{scheme} {}", token.expose())).map_err(|_| {
-        DeliveryError::retry("token-invalid", "the token is not a valid header value")
+        DeliveryError::retry(
+            codes::TOKEN_INVALID.code,
+            "the token is not a valid header value",
+        )
     })?;
     v.set_sensitive(true);
     let mut h = headers.clone();
@@ -636,94 +603,16 @@ fn classify_send(e: &reqwest::Error) -> DeliveryError {
 }
 
 fn denied(d: allow::HostDenied) -> DeliveryError {
-    DeliveryError::permanent("host-denied", d.to_string())
-}
-
-fn json_scalar(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// A response's status, headers and body as text (at most `max` bytes read; invalid UTF-8
-/// replaced), transport errors classified. NULs are left to the recorder, which makes every
-/// connector's texts storable.
-pub async fn read_response(
-    resp: reqwest::Response,
-    max: usize,
-) -> Result<(StatusCode, HeaderMap, String), DeliveryError> {
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = read_limited(resp, max)
-        .await
-        .map_err(|e| classify_transport(&e))?;
-    Ok((
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    ))
-}
-
-/// Reads at most `max` bytes of a body, dropping the rest (a huge body cannot exhaust memory).
-pub async fn read_limited(
-    mut resp: reqwest::Response,
-    max: usize,
-) -> Result<Vec<u8>, reqwest::Error> {
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        let room = max.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= max {
-            break;
-        }
-    }
-    Ok(out)
+    DeliveryError::permanent(codes::HOST_DENIED.code, d.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn statuses_are_classified_as_the_house_style_says() {
-        let h = HeaderMap::new();
-        for (s, retry) in [
-            (408, true),
-            (429, true),
-            (500, true),
-            (503, true),
-            (501, false),
-            (400, false),
-            (404, false),
-            (422, false),
-        ] {
-            let e = classify_status(StatusCode::from_u16(s).unwrap(), "x", &h);
-            assert_eq!(e.is_retry(), retry, "status {s}");
-            assert_eq!(e.code(), format!("http-{s}"));
-            assert_eq!(e.remote_status(), Some(s as i32));
-        }
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_and_dates() {
-        let mut h = HeaderMap::new();
-        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
-        let later = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
-        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
-        let d = parse_retry_after(&h).unwrap();
-        assert!(
-            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
-        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(parse_retry_after(&h), None);
-    }
-
     fn build(text: &str) -> Result<HttpConnector, ConfigError> {
         let cfg: HttpConfig = toml::from_str(text).expect("parses");
-        HttpConnector::new("p", &cfg)
+        HttpConnector::new(&ProfileContext::new("http.conf", "p"), &cfg)
     }
 
     #[test]
@@ -731,7 +620,9 @@ mod tests {
         let text = include_str!("../../../conf/http.conf");
         let profiles = crate::config::parse_profiles("http", text, "conf/http.conf").unwrap();
         for (name, p) in &profiles {
-            p.connector.build(name).unwrap();
+            p.connector
+                .build(&ProfileContext::new("conf/http.conf", name.clone()))
+                .unwrap();
         }
         let oauth: Vec<&str> = text
             .lines()
@@ -751,7 +642,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        profiles[0].1.connector.build("default").unwrap();
+        profiles[0]
+            .1
+            .connector
+            .build(&ProfileContext::new("conf/http.conf", "default"))
+            .unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! permanent `token-denied`; 5xx, 408, 429, network errors and unreadable answers retry as
 //! `token-fetch`.
 
+use crate::connector::codes;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -27,11 +28,11 @@ use oauth2::{
 };
 use serde::Deserialize;
 
-use super::{classify_transport, read_limited, truncate};
-use crate::config::{Dur, Secret, SecretSource};
+use crate::connector::provider::{classify_transport, read_limited, retryable_status, truncate};
 use crate::connector::redact::Redactor;
 use crate::connector::token::{self, Token, TokenCache, TokenSource};
 use crate::connector::DeliveryError;
+use crate::settings::{Dur, Secret, SecretSource};
 
 /// Bytes of a token endpoint answer that are read; a token response is a few KiB at most.
 pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
@@ -97,7 +98,7 @@ pub fn cache_for(
     .ok_or("one of client_secret, client_secret_env, client_secret_file is required")?;
     redactor.add(secret.expose());
     redactor.add_url(token_url.url(), false);
-    let http = crate::connector::http_client_builder(timeout)
+    let http = crate::connector::provider::http_client_builder(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
@@ -163,7 +164,7 @@ impl TokenSource for OAuth2Source {
             req = req.add_extra_param("audience", aud.clone());
         }
         let resp = req.request_async(&self.http).await.map_err(classify)?;
-        tracing::debug!(token_url = %crate::config::redact_url(self.token_url.as_str()), client_id = %self.client_id, expires_in = ?resp.expires_in(), "fetched an OAuth2 token");
+        tracing::debug!(token_url = %crate::settings::redact_url(self.token_url.as_str()), client_id = %self.client_id, expires_in = ?resp.expires_in(), "fetched an OAuth2 token");
         Ok(Token {
             value: Secret::new(resp.access_token().secret().clone()),
             // No expires_in (it is only RECOMMENDED, RFC 6749 §5.1): live until refresh_every.
@@ -211,13 +212,14 @@ impl<'c> AsyncHttpClient<'c> for TokenHttp {
                 .map_err(|e| TokenHttpError::Transport(classify_transport(&e)))?;
             let text = || truncate(&String::from_utf8_lossy(&body), 256).to_string();
             let code = status.as_u16();
-            if code == 408 || code == 429 || status.is_server_error() {
+            if retryable_status(status) {
                 return Err(TokenHttpError::Unavailable {
                     status: code,
                     body: text(),
                 });
             }
-            if status.is_client_error() && !is_oauth_error(&body) {
+            // 501 is as final as a 4xx (the one status classifier says so).
+            if (status.is_client_error() && !is_oauth_error(&body)) || status.is_server_error() {
                 return Err(TokenHttpError::Rejected {
                     status: code,
                     body: text(),
@@ -257,38 +259,41 @@ fn classify(e: FetchError) -> DeliveryError {
                 | BasicErrorResponseType::InvalidGrant
                 | BasicErrorResponseType::InvalidRequest
                 | BasicErrorResponseType::UnsupportedGrantType => {
-                    DeliveryError::permanent("token-denied", reason)
+                    DeliveryError::permanent(codes::TOKEN_DENIED.code, reason)
                 }
                 // `temporarily_unavailable`, `server_error` and other extensions.
-                BasicErrorResponseType::Extension(_) => DeliveryError::retry("token-fetch", reason),
+                BasicErrorResponseType::Extension(_) => {
+                    DeliveryError::retry(codes::TOKEN_FETCH.code, reason)
+                }
             }
         }
         RequestTokenError::Request(TokenHttpError::Rejected { status, body }) => {
             DeliveryError::permanent(
-                "token-denied",
+                codes::TOKEN_DENIED.code,
                 format!("the token endpoint answered HTTP {status}: {body}"),
             )
             .with_status(status as i32)
         }
         RequestTokenError::Request(TokenHttpError::Unavailable { status, body }) => {
             DeliveryError::retry(
-                "token-fetch",
+                codes::TOKEN_FETCH.code,
                 format!("the token endpoint answered HTTP {status}: {body}"),
             )
             .with_status(status as i32)
         }
-        RequestTokenError::Request(TokenHttpError::Transport(e)) => {
-            DeliveryError::retry("token-fetch", format!("token endpoint: {}", e.reason()))
-        }
+        RequestTokenError::Request(TokenHttpError::Transport(e)) => DeliveryError::retry(
+            codes::TOKEN_FETCH.code,
+            format!("token endpoint: {}", e.reason()),
+        ),
         RequestTokenError::Request(e @ TokenHttpError::Build(_)) => {
-            DeliveryError::permanent("token-denied", e.to_string())
+            DeliveryError::permanent(codes::TOKEN_DENIED.code, e.to_string())
         }
         RequestTokenError::Parse(e, _) => DeliveryError::retry(
-            "token-fetch",
+            codes::TOKEN_FETCH.code,
             format!("the token endpoint's answer is not a token response: {e}"),
         ),
         RequestTokenError::Other(m) => {
-            DeliveryError::retry("token-fetch", format!("token endpoint: {m}"))
+            DeliveryError::retry(codes::TOKEN_FETCH.code, format!("token endpoint: {m}"))
         }
     }
 }

@@ -7,12 +7,10 @@
 //! it as their de-duplication key; the timestamp (and so the signature) is fresh on every attempt,
 //! because receivers reject timestamps more than a few minutes off.
 
+use crate::connector::provider::sign::hmac_sha256_base64;
+use crate::settings::Secret;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-use crate::config::Secret;
 
 /// A decoded signing key.
 #[derive(Clone)]
@@ -48,13 +46,9 @@ impl Signer {
         let key = B64
             .decode(self.key.expose())
             .expect("key was encoded by new");
-        let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length");
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+        let ts = timestamp.to_string();
+        let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts.as_bytes(), b".", body];
+        format!("v1,{}", hmac_sha256_base64(&key, &parts))
     }
 
     /// The three headers for one attempt, signed now.

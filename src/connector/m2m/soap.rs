@@ -5,13 +5,14 @@
 //! Invariants: every text written is escaped (CR as a character reference, so XML's end-of-line
 //! normalisation keeps it); every text read has its references resolved.
 
+use crate::connector::codes;
 use quick_xml::events::{BytesDecl, BytesStart, BytesText, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
 use quick_xml::writer::Writer;
 
 use super::SoapVersion;
-use crate::connector::http::truncate;
+use crate::connector::provider::{kebab, truncate};
 use crate::connector::DeliveryError;
 
 /// Namespace of the M2M XML API's operations.
@@ -96,7 +97,7 @@ pub fn detect_envelope(content: &str) -> Result<Option<Envelope>, DeliveryError>
     }
     let elements = parse_elements(t).map_err(|e| {
         DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             format!("content looks like a SOAP envelope but is not well-formed XML: {e}"),
         )
     })?;
@@ -261,7 +262,7 @@ pub(super) const FAULTS: &[(&str, bool)] = &[
 
 /// The stable error code of an M2M fault string: `m2m-` and the string in kebab case.
 pub fn fault_code(fault: &str) -> String {
-    format!("m2m-{}", fault.to_ascii_lowercase().replace('_', "-"))
+    codes::family(codes::M2M_FAULT_NAME, &kebab(fault))
 }
 
 pub(super) fn classify_fault(f: &Fault) -> DeliveryError {
@@ -294,9 +295,9 @@ pub(super) fn classify_fault(f: &Fault) -> DeliveryError {
             // will not help. Anything else may be the server's passing trouble.
             let local = f.code.rsplit(':').next().unwrap_or_default();
             if matches!(local, "Client" | "Sender") {
-                DeliveryError::permanent("m2m-fault", reason)
+                DeliveryError::permanent(codes::M2M_FAULT.code, reason)
             } else {
-                DeliveryError::retry("m2m-fault", reason)
+                DeliveryError::retry(codes::M2M_FAULT.code, reason)
             }
         }
     }

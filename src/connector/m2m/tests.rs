@@ -85,7 +85,7 @@ fn built_envelope_escapes_text_and_parses_back() {
         "login = \"acme\"\npassword = \"secret\"\nnaming = \"A&B\"\nsoap_version = \"1.1\"",
     )
     .unwrap();
-    let c = M2mConnector::new("default", &cfg).unwrap();
+    let c = M2mConnector::new(&ProfileContext::new("m2m.conf", "default"), &cfg).unwrap();
     let text = "1 < 2 & \"q\" 'a' ]]> \r\nend";
     let xml = c.envelope("79001234567", text);
     let els = parse_elements(&xml).unwrap();
@@ -145,7 +145,12 @@ fn soap12_fault_is_found() {
 
 #[test]
 fn config_needs_one_kind_of_credentials() {
-    let parse = |s: &str| M2mConnector::new("p", &toml::from_str::<M2mConfig>(s).unwrap());
+    let parse = |s: &str| {
+        M2mConnector::new(
+            &ProfileContext::new("m2m.conf", "p"),
+            &toml::from_str::<M2mConfig>(s).unwrap(),
+        )
+    };
     assert!(parse("token = \"t\"").is_ok());
     assert!(parse("login = \"l\"\npassword = \"p\"").is_ok());
     assert!(parse("login = \"l\"").is_err());

@@ -87,13 +87,16 @@ fn paths_are_paths() {
         sibling_path("/payment/rest/register.do", "getOrderStatusExtended.do"),
         "/payment/rest/getOrderStatusExtended.do"
     );
-    assert_eq!(kebab("1"), "1");
-    assert_eq!(kebab("Bad Thing"), "bad-thing");
 }
 
 #[test]
 fn config_picks_the_host_and_needs_credentials() {
-    let build = |s: &str| SbaConnector::new("p", &toml::from_str::<SbaConfig>(s).unwrap());
+    let build = |s: &str| {
+        SbaConnector::new(
+            &ProfileContext::new("sba.conf", "p"),
+            &toml::from_str::<SbaConfig>(s).unwrap(),
+        )
+    };
     assert_eq!(build("token = \"t\"").unwrap().base, PRODUCTION_URL);
     assert_eq!(build("token = \"t\"\ntest = true").unwrap().base, TEST_URL);
     assert_eq!(
@@ -116,7 +119,7 @@ fn only_listed_methods_pass_and_the_list_is_checked() {
             "base_url = \"https://gw.example\"\ntoken = \"tok-secret\"\n{extra}"
         ))
         .unwrap();
-        SbaConnector::new("p", &cfg)
+        SbaConnector::new(&ProfileContext::new("sba.conf", "p"), &cfg)
     };
     let c = build("").unwrap();
     let ok = |p: &str| c.check_method(p).is_ok();

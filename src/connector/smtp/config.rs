@@ -12,7 +12,7 @@ use lettre::message::Mailbox;
 use serde::{Deserialize, Deserializer};
 
 use super::services::{self, Service};
-use crate::config::{ConfigError, Dur, Secret, SecretSource};
+use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 /// An `smtp` profile. The profile's table name may be an address (`["noreply@example.com"]`,
 /// Apostol's `<profile>@<domain>`), which then is the default sender.
@@ -141,11 +141,9 @@ pub struct Resolved {
 
 impl SmtpConfig {
     /// Applies the preset and defaults, reads secrets and the CA file. Errors name
-    /// `smtp.conf` and `<profile>.<key>`.
-    pub fn resolve(&self, profile: &str) -> Result<Resolved, ConfigError> {
-        let err = |key: &str, msg: String| {
-            ConfigError::new("smtp.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    /// the profile's file and `<profile>.<key>`.
+    pub fn resolve(&self, ctx: &ProfileContext) -> Result<Resolved, ConfigError> {
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let preset = self.service.as_ref().map(|s| s.service);
         // Presets never resolve to opportunistic STARTTLS: every provider in the table takes
         // credentials, and a provider's submission port that loses its STARTTLS (a downgrade,
@@ -230,7 +228,9 @@ impl SmtpConfig {
             Some(f) => f
                 .parse::<Mailbox>()
                 .map_err(|e| err("from", format!("invalid address \"{f}\": {e}")))?,
-            None => profile
+            None => ctx
+                .profile
+                .as_str()
                 .parse::<Mailbox>()
                 .ok()
                 .filter(|m| m.name.is_none())
@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn a_preset_fills_host_port_and_tls_and_explicit_keys_win() {
         let r = parse("service = \"QQ\"\nusername = \"a@qq.com\"\npassword = \"x\"")
-            .resolve("p")
+            .resolve(&ProfileContext::new("smtp.conf", "p"))
             .unwrap();
         assert_eq!(
             (r.host.as_str(), r.port, r.tls),
@@ -319,14 +319,14 @@ mod tests {
         );
         assert_eq!(r.from.email.to_string(), "a@qq.com");
         let r = parse("service = \"qq\"\nport = 587\ntls = \"starttls\"\nfrom = \"a@b.c\"")
-            .resolve("p")
+            .resolve(&ProfileContext::new("smtp.conf", "p"))
             .unwrap();
         assert_eq!(
             (r.host.as_str(), r.port, r.tls),
             ("smtp.qq.com", 587, TlsMode::Starttls)
         );
         let r = parse("service = \"Gmail\"\nhost = \"relay.local\"\nfrom = \"a@b.c\"")
-            .resolve("p")
+            .resolve(&ProfileContext::new("smtp.conf", "p"))
             .unwrap();
         assert_eq!(
             (r.host.as_str(), r.port, r.tls),
@@ -336,24 +336,32 @@ mod tests {
 
     #[test]
     fn quirky_presets_resolve() {
-        let r = parse("service = \"Maildev\"").resolve("n@x.org").unwrap();
+        let r = parse("service = \"Maildev\"")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
+            .unwrap();
         assert_eq!(
             (r.host.as_str(), r.port, r.tls),
             ("localhost", 1025, TlsMode::None)
         );
-        let r = parse("service = \"hot.ee\"").resolve("n@x.org").unwrap();
+        let r = parse("service = \"hot.ee\"")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
+            .unwrap();
         assert_eq!(
             (r.host.as_str(), r.port, r.tls),
             ("mail.hot.ee", 587, TlsMode::Starttls)
         );
-        let r = parse("service = \"Disroot\"").resolve("n@x.org").unwrap();
+        let r = parse("service = \"Disroot\"")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
+            .unwrap();
         assert_eq!((r.port, r.tls), (587, TlsMode::Starttls));
         assert_eq!(r.auth_method, Some(AuthMethod::Login));
         let r = parse("service = \"Outlook365\"")
-            .resolve("n@x.org")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
             .unwrap();
         assert_eq!((r.port, r.tls), (587, TlsMode::Starttls));
-        let r = parse("service = \"Bluewin\"").resolve("n@x.org").unwrap();
+        let r = parse("service = \"Bluewin\"")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
+            .unwrap();
         assert_eq!((r.port, r.tls), (465, TlsMode::Tls));
     }
 
@@ -361,7 +369,7 @@ mod tests {
     fn no_preset_is_opportunistic() {
         for name in services::names() {
             let r = parse(&format!("service = \"{name}\"\nfrom = \"a@b.c\""))
-                .resolve("p")
+                .resolve(&ProfileContext::new("smtp.conf", "p"))
                 .unwrap();
             assert_ne!(r.tls, TlsMode::Opportunistic, "{name}");
         }
@@ -371,7 +379,7 @@ mod tests {
     fn plaintext_auth_needs_tls_none_and_the_explicit_key() {
         let creds = "host = \"h\"\nusername = \"u\"\npassword = \"p\"\n";
         let e = parse(&format!("{creds}tls = \"none\""))
-            .resolve("a@b.c")
+            .resolve(&ProfileContext::new("smtp.conf", "a@b.c"))
             .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("a@b.c.tls"));
         assert!(e.message.contains("allow_plaintext_auth"), "{e}");
@@ -382,43 +390,45 @@ mod tests {
         let r = parse(&format!(
             "{creds}tls = \"none\"\nallow_plaintext_auth = true"
         ))
-        .resolve("a@b.c")
+        .resolve(&ProfileContext::new("smtp.conf", "a@b.c"))
         .unwrap();
         assert!(r.allow_plaintext_auth);
         let e = parse(&format!(
             "{creds}tls = \"opportunistic\"\nallow_plaintext_auth = true"
         ))
-        .resolve("a@b.c")
+        .resolve(&ProfileContext::new("smtp.conf", "a@b.c"))
         .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("a@b.c.allow_plaintext_auth"));
         // Without credentials, plain text is fine.
         parse("host = \"h\"\ntls = \"none\"")
-            .resolve("a@b.c")
+            .resolve(&ProfileContext::new("smtp.conf", "a@b.c"))
             .unwrap();
     }
 
     #[test]
     fn legacy_secure_connection_is_accepted() {
         let r = parse("host = \"h\"\nport = 2465\nsecureConnection = true")
-            .resolve("n@x.org")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
             .unwrap();
         assert_eq!(r.tls, TlsMode::Tls);
         let r = parse("service = \"QQ\"\nsecure_connection = false")
-            .resolve("n@x.org")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
             .unwrap();
         assert_eq!((r.port, r.tls), (465, TlsMode::Opportunistic));
     }
 
     #[test]
     fn defaults_without_a_preset() {
-        let r = parse("host = \"h\"").resolve("n@x.org").unwrap();
+        let r = parse("host = \"h\"")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
+            .unwrap();
         assert_eq!((r.port, r.tls), (587, TlsMode::Starttls));
         let r = parse("host = \"h\"\nport = 465")
-            .resolve("n@x.org")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
             .unwrap();
         assert_eq!(r.tls, TlsMode::Tls);
         let r = parse("host = \"h\"\ntls = \"none\"")
-            .resolve("n@x.org")
+            .resolve(&ProfileContext::new("smtp.conf", "n@x.org"))
             .unwrap();
         assert_eq!(r.port, 25);
     }
@@ -426,27 +436,29 @@ mod tests {
     #[test]
     fn the_sender_comes_from_from_the_profile_name_or_the_username() {
         let r = parse("host = \"h\"\nfrom = \"Служба <svc@x.org>\"")
-            .resolve("p")
+            .resolve(&ProfileContext::new("smtp.conf", "p"))
             .unwrap();
         assert_eq!(r.from.name.as_deref(), Some("Служба"));
         let r = parse("host = \"h\"\nfrom_name = \"Outbox\"")
-            .resolve("noreply@example.com")
+            .resolve(&ProfileContext::new("smtp.conf", "noreply@example.com"))
             .unwrap();
         assert_eq!(r.from.to_string(), "Outbox <noreply@example.com>");
-        let e = parse("host = \"h\"").resolve("default").unwrap_err();
+        let e = parse("host = \"h\"")
+            .resolve(&ProfileContext::new("smtp.conf", "default"))
+            .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("default.from"));
     }
 
     #[test]
     fn credentials_need_both_halves() {
         let e = parse("host = \"h\"\nusername = \"u\"")
-            .resolve("a@b.c")
+            .resolve(&ProfileContext::new("smtp.conf", "a@b.c"))
             .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("a@b.c.password"));
         let e = parse(
             "host = \"h\"\npassword_env = \"OUTBOXD_TEST_SURELY_UNSET_VAR\"\nusername = \"u\"",
         )
-        .resolve("a@b.c")
+        .resolve(&ProfileContext::new("smtp.conf", "a@b.c"))
         .unwrap_err();
         assert!(e.message.contains("OUTBOXD_TEST_SURELY_UNSET_VAR"), "{e}");
     }

@@ -11,6 +11,7 @@
 //! Invariants: detection never fails, building may: a JSON form that does not match its schema is
 //! `bad-content`, an address that does not parse is `bad-address`, both permanent.
 
+use crate::connector::codes;
 use std::collections::BTreeMap;
 
 use lettre::message::header::{HeaderName, HeaderValue};
@@ -235,7 +236,7 @@ pub fn parse_mailboxes(s: &str, key: &str) -> Result<Vec<Mailbox>, DeliveryError
     });
     parsed.map(|m| m.into_iter().collect()).map_err(|_| {
         DeliveryError::permanent(
-            "bad-address",
+            codes::BAD_ADDRESS.code,
             format!("{key}: invalid address list \"{s}\""),
         )
     })
@@ -260,11 +261,14 @@ pub struct Built {
 /// Builds a MIME message from the JSON form.
 pub fn build_json(v: serde_json::Value, env: Envelope<'_>) -> Result<Built, DeliveryError> {
     let form: JsonForm = serde_json::from_value(v).map_err(|e| {
-        DeliveryError::permanent("bad-content", format!("invalid JSON content form: {e}"))
+        DeliveryError::permanent(
+            codes::BAD_CONTENT.code,
+            format!("invalid JSON content form: {e}"),
+        )
     })?;
     if form.text.is_none() && form.html.is_none() {
         return Err(DeliveryError::permanent(
-            "bad-content",
+            codes::BAD_CONTENT.code,
             "the JSON content form needs \"text\" or \"html\"",
         ));
     }
@@ -298,18 +302,21 @@ pub fn build_json(v: serde_json::Value, env: Envelope<'_>) -> Result<Built, Deli
     for (k, v) in &form.headers {
         if RESERVED_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
             return Err(DeliveryError::permanent(
-                "bad-content",
+                codes::BAD_CONTENT.code,
                 format!("headers: \"{k}\" is set by the connector (use the matching key)"),
             ));
         }
         if v.contains(['\r', '\n']) {
             return Err(DeliveryError::permanent(
-                "bad-content",
+                codes::BAD_CONTENT.code,
                 format!("headers: the value of \"{k}\" contains a line break"),
             ));
         }
         let name = HeaderName::new_from_ascii(k.clone()).map_err(|_| {
-            DeliveryError::permanent("bad-content", format!("headers: invalid name \"{k}\""))
+            DeliveryError::permanent(
+                codes::BAD_CONTENT.code,
+                format!("headers: invalid name \"{k}\""),
+            )
         })?;
         b = b.raw_header(HeaderValue::new(name, v.clone()));
     }
@@ -348,7 +355,10 @@ fn finish(
     extra_rcpt: Vec<Mailbox>,
 ) -> Result<Built, DeliveryError> {
     let message = message.map_err(|e| {
-        DeliveryError::permanent("bad-content", format!("cannot build the message: {e}"))
+        DeliveryError::permanent(
+            codes::BAD_CONTENT.code,
+            format!("cannot build the message: {e}"),
+        )
     })?;
     Ok(Built {
         bytes: message.formatted(),

@@ -31,6 +31,7 @@ pub mod content;
 pub mod pool;
 pub mod services;
 
+use crate::connector::codes;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -45,7 +46,7 @@ use lettre::Address;
 pub use config::{AuthMethod, SmtpConfig, TlsMode};
 
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::config::ConfigError;
+use crate::settings::{ConfigError, ProfileContext};
 use content::{Built, Form};
 
 pub struct SmtpConnector {
@@ -57,11 +58,10 @@ pub struct SmtpConnector {
 }
 
 impl SmtpConnector {
-    pub fn new(profile: &str, cfg: &SmtpConfig) -> Result<Self, ConfigError> {
-        let r = cfg.resolve(profile)?;
-        let err = |key: &str, msg: String| {
-            ConfigError::new("smtp.conf", Some(format!("{profile}.{key}")), msg)
-        };
+    pub fn new(ctx: &ProfileContext, cfg: &SmtpConfig) -> Result<Self, ConfigError> {
+        let profile = ctx.profile.as_str();
+        let r = cfg.resolve(ctx)?;
+        let err = |key: &str, msg: String| ctx.error(key, msg);
         let tls_parameters = || -> Result<TlsParameters, ConfigError> {
             let mut b = TlsParameters::builder(r.host.clone());
             if let Some(pem) = &r.ca_pem {
@@ -134,7 +134,7 @@ impl SmtpConnector {
             )),
             Form::Json(v) => Ok((content::build_json(v, env)?, Some(message_id))),
             Form::BrokenJson(e) => Err(DeliveryError::permanent(
-                "bad-content",
+                codes::BAD_CONTENT.code,
                 format!("content looks like the JSON form but is not valid JSON: {e}"),
             )),
             Form::Body(body) => Ok((content::build_body(body, env)?, Some(message_id))),
@@ -152,12 +152,12 @@ fn envelope(from: &Mailbox, built: &Built) -> Result<SmtpEnvelope, DeliveryError
     }
     if rcpt.is_empty() {
         return Err(DeliveryError::permanent(
-            "bad-address",
+            codes::BAD_ADDRESS.code,
             "the message has no recipient",
         ));
     }
     SmtpEnvelope::new(Some(from.email.clone()), rcpt)
-        .map_err(|e| DeliveryError::permanent("bad-address", e.to_string()))
+        .map_err(|e| DeliveryError::permanent(codes::BAD_ADDRESS.code, e.to_string()))
 }
 
 /// The house classification of a lettre SMTP error.
@@ -166,25 +166,25 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> DeliveryError {
     let reason = e.to_string();
     let status = e.status().map(|c| i32::from(u16::from(c)));
     let err = if e.is_permanent() {
-        DeliveryError::permanent("smtp-5xx", reason)
+        DeliveryError::permanent(codes::SMTP_5XX.code, reason)
     } else if e.is_transient() {
-        DeliveryError::retry("smtp-4xx", reason)
+        DeliveryError::retry(codes::SMTP_4XX.code, reason)
     } else if e.is_timeout() {
-        DeliveryError::retry("timeout", reason)
+        DeliveryError::retry(codes::TIMEOUT.code, reason)
     } else if e.is_tls() || is_tls_failure(e) {
-        DeliveryError::retry("smtp-tls", reason)
+        DeliveryError::retry(codes::SMTP_TLS.code, reason)
     } else if e.is_client() {
         // lettre refused to send: the server lacks a capability the message needs (SMTPUTF8,
         // 8BITMIME, a common AUTH mechanism). Retrying the same message cannot help.
-        DeliveryError::permanent("smtp-client", reason)
+        DeliveryError::permanent(codes::SMTP_CLIENT.code, reason)
     } else if e.is_response() {
-        DeliveryError::retry("smtp-protocol", reason)
+        DeliveryError::retry(codes::SMTP_PROTOCOL.code, reason)
     } else if e.is_transport_shutdown() {
-        DeliveryError::retry("smtp-shutdown", reason)
+        DeliveryError::retry(codes::SMTP_SHUTDOWN.code, reason)
     } else if reason.starts_with("Connection error") {
-        DeliveryError::retry("smtp-connect", reason)
+        DeliveryError::retry(codes::SMTP_CONNECT.code, reason)
     } else {
-        DeliveryError::retry("smtp-network", reason)
+        DeliveryError::retry(codes::SMTP_NETWORK.code, reason)
     };
     match status {
         Some(s) => err.with_status(s),
@@ -197,12 +197,12 @@ fn classify_send(e: pool::SendError) -> DeliveryError {
     match e {
         pool::SendError::Smtp(e) => classify(&e),
         pool::SendError::Connect(e) => {
-            DeliveryError::retry("smtp-connect", format!("Connection error: {e}"))
+            DeliveryError::retry(codes::SMTP_CONNECT.code, format!("Connection error: {e}"))
         }
-        pool::SendError::Tls(why) => DeliveryError::retry("smtp-tls", why),
+        pool::SendError::Tls(why) => DeliveryError::retry(codes::SMTP_TLS.code, why),
         // As lettre's own client errors (see `classify`).
-        pool::SendError::Client(why) => DeliveryError::permanent("smtp-client", why),
-        pool::SendError::Timeout(what) => DeliveryError::retry("timeout", what),
+        pool::SendError::Client(why) => DeliveryError::permanent(codes::SMTP_CLIENT.code, why),
+        pool::SendError::Timeout(what) => DeliveryError::retry(codes::TIMEOUT.code, what),
     }
 }
 
@@ -333,7 +333,11 @@ mod tests {
     fn a_profile_builds_without_a_runtime_and_without_connecting() {
         let cfg: SmtpConfig =
             toml::from_str("host = \"127.0.0.1\"\nport = 1\ntls = \"starttls\"").unwrap();
-        let c = SmtpConnector::new("noreply@example.com", &cfg).unwrap();
+        let c = SmtpConnector::new(
+            &ProfileContext::new("smtp.conf", "noreply@example.com"),
+            &cfg,
+        )
+        .unwrap();
         assert_eq!(c.name(), "smtp/noreply@example.com");
         assert_eq!(c.pool.idle_count(), 0);
     }
