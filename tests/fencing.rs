@@ -601,15 +601,32 @@ async fn daemon_behind_proxy(
     tc.config.database_url = outboxd::config::Secret::new(proxied.to_string());
     tc.config.listen_url = Some(outboxd::config::Secret::new(db.url.clone()));
     tc.config.db_timeout = db_timeout;
-    tc.config.poll_interval = Duration::from_millis(100);
+    // The NOTIFY wakes the claim: no poll (and so no reclaim call) may take the stalled
+    // connection first, or the claim would run on a fresh, unstalled one.
+    tc.config.poll_interval = Duration::from_secs(3600);
     tc.config.pool_size = 1;
     let d = Daemon::start(tc.config.clone());
     let c = db.client().await;
     wait_listening(&c, T).await;
-    wait_for(T, "the daemon's first claim", || {
-        daemon_ran(&c, "%outbox.claim(%")
+    // One message through the whole path first: the claim statement is then prepared on the
+    // one pooled connection (a Parse would stall with its answer), and the claim loop is waiting
+    // for the next NOTIFY, not in the middle of a call whose answer the pause would hold.
+    let warm = send(&c, "http.agent", "default", "/warm-up", "{}").await;
+    wait_state(&c, warm, "submitted", T).await;
+    wait_for(T, "the daemon's connections to be idle", || async {
+        let busy: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = 'outboxd' AND state <> 'idle'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (busy == 0).then_some(())
     })
     .await;
+    assert_eq!(rx.count(), 1, "the warm-up message");
     (d, pause)
 }
 
@@ -647,14 +664,14 @@ async fn a_claim_that_timed_out_but_committed_is_handed_back_uncharged() {
         history(&c, id).await
     );
     let report = d.stop().await;
-    assert_eq!(rx.count(), 1, "delivered once");
+    assert_eq!(rx.count(), 2, "the warm-up and this one, delivered once");
     let a = attempts(&c, id).await;
     assert_eq!(
         a.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(),
         ["done"],
         "no lease-expired attempt for a claim no delivery started: {a:?}"
     );
-    assert_eq!(report.delivered, 1, "{report:?}");
+    assert_eq!(report.delivered, 2, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,7 +699,7 @@ async fn term_during_a_claim_call_hands_back_what_it_may_have_claimed() {
     assert_eq!(report.orphaned, 1, "{report:?}");
     assert_eq!(state_of(&c, id).await, "prepared");
     assert!(attempts(&c, id).await.is_empty());
-    assert_eq!(rx.count(), 0);
+    assert_eq!(rx.count(), 1, "only the warm-up message");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
