@@ -95,6 +95,10 @@ codes! {
     SBA_ERROR = "sba-<errorCode>", Either, "Sberbank's `errorCode`: 7 (system error) retries, the others are permanent";
     SBA_BAD_RESPONSE = "sba-bad-response", Retry, "Sberbank answered `register.do` without an `orderId`";
     METHOD_DENIED = "method-denied", Permanent, "the Sberbank method is not in the profile's `methods`";
+    // slack, feishu, telegram
+    SLACK_ERROR = "slack-<error>", Either, "Slack's `error` in kebab case (Web API `ok:false`, or a webhook's plain-text answer): `slack-ratelimited` (also HTTP 429), `slack-internal-error` and `slack-fatal-error` retry; the others, `slack-invalid-auth` and `slack-token-revoked` included, are permanent";
+    FEISHU_ERROR = "feishu-<code>", Either, "Feishu's body `code`: 11232 (flow control) and 2200 (internal error) retry; the others (19021 signature or timestamp, 9499 bad request…) are permanent";
+    TELEGRAM_ERROR = "telegram-<error_code>", Either, "Telegram's `error_code`: 429 (too many requests, retried after `retry_after`) and 5xx retry; the others (403 blocked, 400 chat not found, 401 bad token…) are permanent";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`
