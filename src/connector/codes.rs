@@ -95,6 +95,15 @@ codes! {
     SBA_ERROR = "sba-<errorCode>", Either, "Sberbank's `errorCode`: 7 (system error) retries, the others are permanent";
     SBA_BAD_RESPONSE = "sba-bad-response", Retry, "Sberbank answered `register.do` without an `orderId`";
     METHOD_DENIED = "method-denied", Permanent, "the Sberbank method is not in the profile's `methods`";
+    // wechat
+    WECHAT_ERROR = "wechat-<errcode>", Either, "WeChat's `errcode` (-1 is written `busy`): -1 and 45009 retry; 43004 (not following), 40003, 40037, 47003 and the others are permanent";
+    WECHAT_BAD_RESPONSE = "wechat-bad-response", Retry, "WeChat answered HTTP 200 with a body that is not its JSON answer";
+    // wecom
+    WECOM_ERROR = "wecom-<errcode>", Either, "WeCom's `errcode` (-1 is written `busy`): -1 retries, 45009 (too fast) retries after a minute; 81013 (every recipient invalid), 60020, 48001 and the others are permanent";
+    WECOM_BAD_RESPONSE = "wecom-bad-response", Retry, "WeCom answered HTTP 200 with a body that is not its JSON answer, or an upload without `media_id`";
+    // wecombot
+    WECOMBOT_ERROR = "wecombot-<errcode>", Either, "the WeCom robot's `errcode` (-1 is written `busy`): -1 retries, 45009 (too fast) retries after a minute; 93000 (bad key) and the others are permanent";
+    WECOMBOT_BAD_RESPONSE = "wecombot-bad-response", Retry, "the WeCom robot answered HTTP 200 with a body that is not its JSON answer";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

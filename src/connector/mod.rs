@@ -18,6 +18,9 @@ pub mod redact;
 pub mod sba;
 pub mod smtp;
 pub mod token;
+pub mod wechat;
+pub mod wecom;
+pub mod wecombot;
 
 use std::time::Duration;
 
@@ -266,6 +269,9 @@ kinds! {
     M2m = "m2m", m2m::M2mConfig => M2mConnector, agents [("api.agent", "m2m.agent")];
     Sba = "sba", sba::SbaConfig => SbaConnector, agents [("api.agent", "sba.agent")];
     Smtp = "smtp", smtp::SmtpConfig => SmtpConnector, agents [("email.agent", "smtp.agent")];
+    Wechat = "wechat", wechat::WechatConfig => WechatConnector, agents [("api.agent", "wechat.agent")];
+    Wecom = "wecom", wecom::WecomConfig => WecomConnector, agents [("api.agent", "wecom.agent")];
+    Wecombot = "wecombot", wecombot::WecombotConfig => WecombotConnector, agents [("api.agent", "wecombot.agent")];
 }
 
 /// The kind of a name written in `[connectors]`.
@@ -319,13 +325,16 @@ mod tests {
     fn the_registry_keeps_the_built_in_routes_and_kinds() {
         assert_eq!(
             kind_names().collect::<Vec<_>>(),
-            ["file", "http", "fcm", "m2m", "sba", "smtp"]
+            ["file", "http", "fcm", "m2m", "sba", "smtp", "wechat", "wecom", "wecombot"]
         );
         for (ty, agent, want) in [
             ("email.agent", "smtp.agent", Some("smtp")),
             ("api.agent", "fcm.agent", Some("fcm")),
             ("api.agent", "m2m.agent", Some("m2m")),
             ("api.agent", "sba.agent", Some("sba")),
+            ("api.agent", "wechat.agent", Some("wechat")),
+            ("api.agent", "wecom.agent", Some("wecom")),
+            ("api.agent", "wecombot.agent", Some("wecombot")),
             ("api.agent", "anything.agent", Some("http")),
             ("system.agent", "file.agent", Some("file")),
             ("system.agent", "other.agent", None),
@@ -336,7 +345,7 @@ mod tests {
         let e = ConnectorConfig::from_table("nope", toml::Table::new()).unwrap_err();
         assert_eq!(
             e.1,
-            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp)"
+            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, wechat, wecom, wecombot)"
         );
     }
 

@@ -10,12 +10,14 @@
 //! - [`token`]: the one call-with-token step around [`TokenCache`](super::token::TokenCache):
 //!   invalidate → refresh → resend once on the provider's token-invalid signal;
 //! - [`sign`]: HMAC helpers;
+//! - [`multipart`]: a one-file `multipart/form-data` body (media uploads);
 //! - here: the HTTP client builder, bounded reads and small text helpers.
 //!
 //! Invariants: nothing here knows a provider; a read never holds more than the caller's limit; no
 //! helper formats a URL or a credential into an error (transport errors lose their URL).
 
 pub mod body;
+pub mod multipart;
 pub mod sign;
 pub mod status;
 pub mod token;
