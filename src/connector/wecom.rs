@@ -204,6 +204,11 @@ fn recipients(v: &Value, key: &str) -> Result<Option<String>, DeliveryError> {
     Ok((!joined.is_empty()).then_some(joined))
 }
 
+/// Base64 without the line breaks that encoders (PostgreSQL's `encode`, MIME) put in.
+pub(super) fn without_whitespace(b64: &str) -> String {
+    b64.chars().filter(|c| !c.is_ascii_whitespace()).collect()
+}
+
 fn string_field(obj: &Map<String, Value>, path: &str, key: &str) -> Result<String, DeliveryError> {
     obj.get(key)
         .and_then(Value::as_str)
@@ -275,9 +280,9 @@ fn build_body(
             if let Some(id) = part.get("media_id").and_then(Value::as_str) {
                 json!({ "media_id": id })
             } else {
-                let data = string_field(part, kind, "base64")?;
+                let data = without_whitespace(&string_field(part, kind, "base64")?);
                 let bytes = B64
-                    .decode(data.trim())
+                    .decode(&data)
                     .map_err(|e| bad_content(format!("{kind}.base64 is not base64: {e}")))?;
                 let filename = string_field(part, kind, "filename")?;
                 upload = Some(Upload {

@@ -37,6 +37,7 @@ use super::redact::{self, Redactor};
 use super::wechat::{
     answer, bad_content, base_url, client, required_secret, ERRCODE, MAX_RESPONSE_BYTES,
 };
+use super::wecom::without_whitespace;
 use super::{Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
@@ -164,12 +165,13 @@ fn build_body(content: &str) -> Result<Value, DeliveryError> {
         }
         "markdown" => json!({ "content": text_of(part, "markdown")? }),
         "image" => {
-            let data = part
-                .get("base64")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad_content("image.base64 is required"))?;
+            let data = without_whitespace(
+                part.get("base64")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad_content("image.base64 is required"))?,
+            );
             let bytes = B64
-                .decode(data.trim())
+                .decode(&data)
                 .map_err(|e| bad_content(format!("image.base64 is not base64: {e}")))?;
             if bytes.is_empty() {
                 return Err(bad_content("image.base64 is empty"));
@@ -182,7 +184,7 @@ fn build_body(content: &str) -> Result<Value, DeliveryError> {
                     )));
                 }
             }
-            json!({ "base64": data.trim(), "md5": md5 })
+            json!({ "base64": data, "md5": md5 })
         }
         "news" => {
             let articles = part
@@ -269,6 +271,9 @@ mod tests {
             b,
             json!({"msgtype":"image","image":{"base64":"aGVsbG8=","md5":"5d41402abc4b2a76b9719d911017c592"}})
         );
+        // PostgreSQL's encode() breaks lines: they are removed.
+        let wrapped = build_body(r#"{"msgtype":"image","image":{"base64":"aGVs\nbG8="}}"#).unwrap();
+        assert_eq!(wrapped, b);
         let e = build_body(r#"{"msgtype":"image","image":{"base64":"aGVsbG8=","md5":"00"}}"#)
             .unwrap_err();
         assert_eq!(e.code(), "bad-content");
