@@ -598,3 +598,69 @@ async fn no_secret_or_token_reaches_attempts_replies_or_logs() {
         assert!(!log.contains(secret.as_str()), "a secret in the log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_may_call_the_shortcuts_and_the_content_is_built_from_arguments() {
+    logs();
+    let db = TestDb::new().await;
+    let role = TestRole::new("outboxd_app").await;
+    let app = role.client(&db).await;
+    let cases: [(&str, &str, Option<&str>, Value); 4] = [
+        (
+            "SELECT id FROM api.send_wechat('oa', 'oX', 'TPL', '{\"k\": \"v\"}', \
+             pMiniProgram => '{\"appid\": \"wxmini\"}', pCode => 'c1')",
+            "wechat.agent",
+            Some("oX"),
+            json!({"template_id": "TPL", "data": {"k": "v"}, "miniprogram": {"appid": "wxmini"}}),
+        ),
+        (
+            "SELECT id FROM api.send_wecom_text('app', NULL, '**x**', pToParty => '2', pToTag => '7', pMarkdown => true)",
+            "wecom.agent",
+            None,
+            json!({"msgtype": "markdown", "markdown": {"content": "**x**"}, "toparty": "2", "totag": "7"}),
+        ),
+        (
+            "SELECT id FROM api.send_wecom_file('app', 'u', 'a.png', '\\x68656c6c6f'::bytea, 'image')",
+            "wecom.agent",
+            Some("u"),
+            json!({"msgtype": "image", "image": {"base64": "aGVsbG8=", "filename": "a.png"}}),
+        ),
+        (
+            "SELECT id FROM api.send_wecombot('ops', 'news', '{\"articles\": [{\"title\": \"T\", \"url\": \"https://u\"}]}')",
+            "wecombot.agent",
+            None,
+            json!({"msgtype": "news", "news": {"articles": [{"title": "T", "url": "https://u"}]}}),
+        ),
+    ];
+    for (sql, agent, address, content) in cases {
+        let id: Uuid = app.query_one(sql, &[]).await.unwrap().get(0);
+        let r = app
+            .query_one(
+                "SELECT agentcode, address, content, statecode FROM api.message WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, String>(0), agent, "{sql}");
+        assert_eq!(r.get::<_, Option<String>>(1).as_deref(), address, "{sql}");
+        let got: Value = serde_json::from_str(&r.get::<_, String>(2)).unwrap();
+        assert_eq!(got, content, "{sql}");
+        assert_eq!(r.get::<_, String>(3), "prepared");
+    }
+    // pCode makes the call idempotent, as api.send_message is.
+    let again: i64 = app
+        .query_one(
+            "SELECT count(*) FROM api.send_wechat('oa', 'oX', 'TPL', '{\"k\": \"v\"}', pCode => 'c1')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(again, 1);
+    let n: i64 = app
+        .query_one("SELECT count(*) FROM api.message WHERE code = 'c1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}

@@ -580,4 +580,11 @@ mod tests {
         let e = WechatConnector::new(&ctx, &cfg).err().unwrap();
         assert_eq!(e.key.as_deref(), Some("oa.base_url"));
     }
+
+    #[test]
+    fn the_example_profile_parses() {
+        let text = include_str!("../../conf/wechat.conf");
+        let profiles = crate::config::parse_profiles("wechat", text, "conf/wechat.conf").unwrap();
+        assert_eq!(profiles.len(), 1);
+    }
 }

@@ -596,4 +596,11 @@ mod tests {
         let e = WecomConnector::new(&ctx, &cfg).err().unwrap();
         assert_eq!(e.key.as_deref(), Some("app.duplicate_check_interval"));
     }
+
+    #[test]
+    fn the_example_profile_parses() {
+        let text = include_str!("../../conf/wecom.conf");
+        let profiles = crate::config::parse_profiles("wecom", text, "conf/wecom.conf").unwrap();
+        assert_eq!(profiles.len(), 1);
+    }
 }

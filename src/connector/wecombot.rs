@@ -334,4 +334,12 @@ mod tests {
         .unwrap_err();
         assert_eq!((e.code(), e.is_retry()), ("wecombot-45009", true));
     }
+
+    #[test]
+    fn the_example_profile_parses() {
+        let text = include_str!("../../conf/wecombot.conf");
+        let profiles =
+            crate::config::parse_profiles("wecombot", text, "conf/wecombot.conf").unwrap();
+        assert_eq!(profiles.len(), 1);
+    }
 }
