@@ -647,6 +647,27 @@ async fn applications_may_call_the_shortcuts_and_the_content_is_built_from_argum
         assert_eq!(got, content, "{sql}");
         assert_eq!(r.get::<_, String>(3), "prepared");
     }
+    // Definer, pinned, not PUBLIC's (as 004 wants every api function).
+    let funcs: Vec<(String, bool, bool, bool)> = db
+        .client()
+        .await
+        .query(
+            "SELECT p.oid::regprocedure::text, p.prosecdef, \
+                    'search_path=pg_catalog, outbox, pg_temp' = ANY (p.proconfig), \
+                    has_function_privilege('public', p.oid, 'EXECUTE') \
+               FROM pg_proc p WHERE p.pronamespace = 'api'::regnamespace \
+                AND p.proname LIKE 'send\\_we%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(funcs.len(), 7, "{funcs:?}");
+    for (name, definer, pinned, public) in &funcs {
+        assert!(*definer && *pinned && !*public, "{name}");
+    }
     // pCode makes the call idempotent, as api.send_message is.
     let again: i64 = app
         .query_one(
