@@ -433,10 +433,15 @@ impl WecomConnector {
         let (status, v) = self
             .call("/cgi-bin/message/send", &[], "application/json", body)
             .await?;
+        let reply = invalid_recipients(&v);
+        if let Some(lists) = &reply {
+            // Not an error (the others got it), but someone should fix the directory or the list.
+            tracing::warn!(message_id = %msg.id, profile = %msg.profile, connector = %self.name, invalid = %lists, "WeCom did not deliver to some recipients");
+        }
         Ok(Receipt {
             provider_id: v.get("msgid").map(json_scalar),
             remote_status: Some(status.into()),
-            reply: invalid_recipients(&v),
+            reply,
         })
     }
 }
