@@ -95,6 +95,15 @@ codes! {
     SBA_ERROR = "sba-<errorCode>", Either, "Sberbank's `errorCode`: 7 (system error) retries, the others are permanent";
     SBA_BAD_RESPONSE = "sba-bad-response", Retry, "Sberbank answered `register.do` without an `orderId`";
     METHOD_DENIED = "method-denied", Permanent, "the Sberbank method is not in the profile's `methods`";
+    // wechat
+    WECHAT_ERROR = "wechat-<errcode>", Either, "WeChat's `errcode` (-1 is written `busy`): -1 and 45009 retry; 43004 (not following), 40003, 40037, 47003 and the others are permanent";
+    WECHAT_BAD_RESPONSE = "wechat-bad-response", Retry, "WeChat answered HTTP 200 with a body that is not its JSON answer";
+    // wecom
+    WECOM_ERROR = "wecom-<errcode>", Either, "WeCom's `errcode` (-1 is written `busy`): -1 retries, 45009 (too fast) retries after a minute; 81013 (every recipient invalid), 60020, 48001 and the others are permanent";
+    WECOM_BAD_RESPONSE = "wecom-bad-response", Retry, "WeCom answered HTTP 200 with a body that is not its JSON answer, or an upload without `media_id`";
+    // wecombot
+    WECOMBOT_ERROR = "wecombot-<errcode>", Either, "the WeCom robot's `errcode` (-1 is written `busy`): -1 retries, 45009 (too fast) retries after a minute; 93000 (bad key) and the others are permanent";
+    WECOMBOT_BAD_RESPONSE = "wecombot-bad-response", Retry, "the WeCom robot answered HTTP 200 with a body that is not its JSON answer";
     // slack, feishu, telegram
     SLACK_ERROR = "slack-<error>", Either, "Slack's `error` in kebab case (Web API `ok:false`, or a webhook's plain-text answer): `slack-ratelimited` (also HTTP 429), `slack-internal-error` and `slack-fatal-error` retry; the others, `slack-invalid-auth` and `slack-token-revoked` included, are permanent";
     FEISHU_ERROR = "feishu-<code>", Either, "Feishu's body `code`: 11232 (flow control) and 2200 (internal error) retry; the others (19021 signature or timestamp, 9499 bad request…) are permanent";

@@ -21,6 +21,9 @@ pub mod slack;
 pub mod smtp;
 pub mod telegram;
 pub mod token;
+pub mod wechat;
+pub mod wecom;
+pub mod wecombot;
 
 use std::time::Duration;
 
@@ -269,6 +272,9 @@ kinds! {
     M2m = "m2m", m2m::M2mConfig => M2mConnector, agents [("api.agent", "m2m.agent")];
     Sba = "sba", sba::SbaConfig => SbaConnector, agents [("api.agent", "sba.agent")];
     Smtp = "smtp", smtp::SmtpConfig => SmtpConnector, agents [("email.agent", "smtp.agent")];
+    Wechat = "wechat", wechat::WechatConfig => WechatConnector, agents [("api.agent", "wechat.agent")];
+    Wecom = "wecom", wecom::WecomConfig => WecomConnector, agents [("api.agent", "wecom.agent")];
+    Wecombot = "wecombot", wecombot::WecombotConfig => WecombotConnector, agents [("api.agent", "wecombot.agent")];
     Slack = "slack", slack::SlackConfig => SlackConnector, agents [("api.agent", "slack.agent")];
     Feishu = "feishu", feishu::FeishuConfig => FeishuConnector, agents [("api.agent", "feishu.agent")];
     Telegram = "telegram", telegram::TelegramConfig => TelegramConnector, agents [("api.agent", "telegram.agent")];
@@ -325,13 +331,19 @@ mod tests {
     fn the_registry_keeps_the_built_in_routes_and_kinds() {
         assert_eq!(
             kind_names().collect::<Vec<_>>(),
-            ["file", "http", "fcm", "m2m", "sba", "smtp", "slack", "feishu", "telegram"]
+            [
+                "file", "http", "fcm", "m2m", "sba", "smtp", "wechat", "wecom", "wecombot",
+                "slack", "feishu", "telegram"
+            ]
         );
         for (ty, agent, want) in [
             ("email.agent", "smtp.agent", Some("smtp")),
             ("api.agent", "fcm.agent", Some("fcm")),
             ("api.agent", "m2m.agent", Some("m2m")),
             ("api.agent", "sba.agent", Some("sba")),
+            ("api.agent", "wechat.agent", Some("wechat")),
+            ("api.agent", "wecom.agent", Some("wecom")),
+            ("api.agent", "wecombot.agent", Some("wecombot")),
             ("api.agent", "slack.agent", Some("slack")),
             ("api.agent", "feishu.agent", Some("feishu")),
             ("api.agent", "telegram.agent", Some("telegram")),
@@ -345,7 +357,7 @@ mod tests {
         let e = ConnectorConfig::from_table("nope", toml::Table::new()).unwrap_err();
         assert_eq!(
             e.1,
-            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, slack, feishu, telegram)"
+            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, wechat, wecom, wecombot, slack, feishu, telegram)"
         );
     }
 

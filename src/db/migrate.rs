@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "chat_agents",
         include_str!("../../sql/008_chat_agents.sql"),
     ),
+    (
+        9,
+        "wechat_wecom",
+        include_str!("../../sql/009_wechat_wecom.sql"),
+    ),
     (11, "chat_send", include_str!("../../sql/011_chat_send.sql")),
 ];
 

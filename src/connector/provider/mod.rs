@@ -10,6 +10,7 @@
 //! - [`token`]: the one call-with-token step around [`TokenCache`](super::token::TokenCache):
 //!   invalidate → refresh → resend once on the provider's token-invalid signal;
 //! - [`sign`]: HMAC helpers;
+//! - [`multipart`]: a one-file `multipart/form-data` body (media uploads);
 //! - [`content`]: chat contents (a JSON object of the platform's fields, or plain text) and the
 //!   field checks body builders make before sending;
 //! - here: the HTTP client builder, bounded reads and small text helpers.
@@ -19,6 +20,7 @@
 
 pub mod body;
 pub mod content;
+pub mod multipart;
 pub mod sign;
 pub mod status;
 pub mod token;
