@@ -95,6 +95,11 @@ codes! {
     SBA_ERROR = "sba-<errorCode>", Either, "Sberbank's `errorCode`: 7 (system error) retries, the others are permanent";
     SBA_BAD_RESPONSE = "sba-bad-response", Retry, "Sberbank answered `register.do` without an `orderId`";
     METHOD_DENIED = "method-denied", Permanent, "the Sberbank method is not in the profile's `methods`";
+    // dingbot
+    DINGBOT_ERROR = "dingbot-<errcode>", Either, "the DingTalk robot's `errcode`: 130101 (too fast: blocked for 10 minutes), -1 and a 310000 about the timestamp retry; the others (310000 keyword, signature or IP, 300001 token) are permanent";
+    // dingtalk
+    DINGTALK_ERROR = "dingtalk-<errcode>", Either, "a DingTalk app API `errcode`: 143103/143104 (too fast), -1 and 1430003 retry; the others (143105 daily cap, 143106 duplicate, 1430000 no recipient…) are permanent";
+    DINGTALK_BAD_RESPONSE = "dingtalk-bad-response", Retry, "DingTalk answered something that is not JSON, or an upload or chat creation without its id";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

@@ -9,6 +9,8 @@
 //! caches) lives in the object.
 
 pub mod codes;
+pub mod dingbot;
+pub mod dingtalk;
 pub mod fcm;
 pub mod file;
 pub mod http;
@@ -266,6 +268,8 @@ kinds! {
     M2m = "m2m", m2m::M2mConfig => M2mConnector, agents [("api.agent", "m2m.agent")];
     Sba = "sba", sba::SbaConfig => SbaConnector, agents [("api.agent", "sba.agent")];
     Smtp = "smtp", smtp::SmtpConfig => SmtpConnector, agents [("email.agent", "smtp.agent")];
+    Dingbot = "dingbot", dingbot::DingbotConfig => DingbotConnector, agents [("api.agent", "dingbot.agent")];
+    Dingtalk = "dingtalk", dingtalk::DingtalkConfig => DingtalkConnector, agents [("api.agent", "dingtalk.agent")];
 }
 
 /// The kind of a name written in `[connectors]`.
@@ -319,13 +323,15 @@ mod tests {
     fn the_registry_keeps_the_built_in_routes_and_kinds() {
         assert_eq!(
             kind_names().collect::<Vec<_>>(),
-            ["file", "http", "fcm", "m2m", "sba", "smtp"]
+            ["file", "http", "fcm", "m2m", "sba", "smtp", "dingbot", "dingtalk"]
         );
         for (ty, agent, want) in [
             ("email.agent", "smtp.agent", Some("smtp")),
             ("api.agent", "fcm.agent", Some("fcm")),
             ("api.agent", "m2m.agent", Some("m2m")),
             ("api.agent", "sba.agent", Some("sba")),
+            ("api.agent", "dingbot.agent", Some("dingbot")),
+            ("api.agent", "dingtalk.agent", Some("dingtalk")),
             ("api.agent", "anything.agent", Some("http")),
             ("system.agent", "file.agent", Some("file")),
             ("system.agent", "other.agent", None),
@@ -336,7 +342,7 @@ mod tests {
         let e = ConnectorConfig::from_table("nope", toml::Table::new()).unwrap_err();
         assert_eq!(
             e.1,
-            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp)"
+            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, dingbot, dingtalk)"
         );
     }
 

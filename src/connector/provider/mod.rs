@@ -73,6 +73,31 @@ pub async fn read_limited(
     Ok(out)
 }
 
+/// A `multipart/form-data` body (RFC 7578) with one file part `field`: the `Content-Type` header
+/// value (with a fresh boundary) and the body. Enough for the media uploads of the chat platforms
+/// without reqwest's `multipart` feature.
+pub fn multipart_file(
+    field: &str,
+    filename: &str,
+    content_type: &str,
+    data: &[u8],
+) -> (String, Vec<u8>) {
+    let boundary = format!("outboxd-{}", uuid::Uuid::new_v4().simple());
+    // Quotes and line breaks would end the header parameter early.
+    let clean = |s: &str| s.replace(['"', '\r', '\n'], "_");
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\n\
+         Content-Type: {}\r\n\r\n",
+        clean(field),
+        clean(filename),
+        clean(content_type)
+    )
+    .into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
 /// At most `max` bytes of `s`, cut at a character boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -119,6 +144,20 @@ pub fn kebab(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multipart_bodies_carry_one_file_part() {
+        let (ct, body) = multipart_file("media", "a\"b.png", "image/png", b"PNG");
+        let boundary = ct.strip_prefix("multipart/form-data; boundary=").unwrap();
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"media\"; \
+                 filename=\"a_b.png\"\r\nContent-Type: image/png\r\n\r\nPNG\r\n--{boundary}--\r\n"
+            )
+        );
+    }
 
     #[test]
     fn kebab_makes_code_fragments() {
