@@ -27,9 +27,13 @@ fn dingbot_conf(d: &DingtalkDouble, secret: &str) -> String {
 }
 
 fn dingtalk_conf(d: &DingtalkDouble) -> String {
+    dingtalk_conf_polling(d, r#"["50ms", "50ms"]"#)
+}
+
+fn dingtalk_conf_polling(d: &DingtalkDouble, polls: &str) -> String {
     format!(
         "[default]\nappkey = \"{APP_KEY}\"\nappsecret = \"{APP_SECRET}\"\nagent_id = {AGENT_ID}\n\
-         endpoint = \"{}\"\nresult_polls = [\"50ms\", \"50ms\"]\n\
+         endpoint = \"{}\"\nresult_polls = {polls}\n\
          retry = [\"20ms\", \"20ms\", \"20ms\"]\ntimeout = \"5s\"\n",
         d.url
     )
@@ -232,7 +236,8 @@ async fn too_fast_is_a_retry_held_back_ten_minutes_not_a_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_token_is_refreshed_once_on_a_token_error_then_the_notice_is_resent() {
     let dd = DingtalkDouble::start().await;
-    let (db, _tc, d) = setup(&[("dingtalk", dingtalk_conf(&dd))]).await;
+    // No getsendresult calls: the only calls with a token are the sends.
+    let (db, _tc, d) = setup(&[("dingtalk", dingtalk_conf_polling(&dd, "[]"))]).await;
     let c = db.client().await;
     let first = send(&c, "dingtalk.agent", "default", "alice", "one").await;
     assert_eq!(wait_final(&c, first).await, "submitted");
@@ -343,13 +348,51 @@ async fn chats_are_created_from_sql_and_the_cli_path_and_group_sends_work() {
         created[&chatid],
         json!({"name":"On call","owner":"alice","useridlist":["alice","bob"]})
     );
-    // The CLI's path: `outboxd dingtalk chat-create` calls this.
-    let users = vec!["carol".to_string()];
-    let cli_chat = outboxd::connector::dingtalk::poller::create_chat_now(
-        &tc.config, "default", "Release", "carol", &users,
+    // The CLI: `outboxd dingtalk chat-create` calls DingTalk at once and prints the chat id.
+    let main = tc.path("outboxd.toml");
+    std::fs::write(
+        &main,
+        format!(
+            "database_url = \"{}\"\n[connectors]\ndingtalk = \"{}\"\n",
+            db.url,
+            path_str(&tc.path("dingtalk.conf"))
+        ),
     )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .env_remove("DATABASE_URL")
+            .args([
+                "-c",
+                &path_str(&main),
+                "dingtalk",
+                "chat-create",
+                "--profile",
+                "default",
+            ])
+            .args([
+                "--name",
+                "Release",
+                "--owner",
+                "carol",
+                "--users",
+                "carol,dave",
+            ])
+            .output()
+            .unwrap()
+    })
     .await
     .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_chat = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(
+        dd.chats()[&cli_chat],
+        json!({"name":"Release","owner":"carol","useridlist":["carol","dave"]})
+    );
     let listed: Vec<(String, Option<String>)> = c
         .query(
             "SELECT state, chatid FROM api.dingtalk_chats() WHERE name = 'Release'",
@@ -486,6 +529,10 @@ async fn bad_recipients_and_contents_fail_before_any_call() {
         .query_one("SELECT api.send_dingtalk('default', 'hi')", &[])
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("ERR-400-050"), "{e}");
+    let text = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(text.starts_with("ERR-400-050"), "{e:?}");
     d.stop().await;
 }

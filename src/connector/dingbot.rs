@@ -11,7 +11,7 @@
 //! Classification (HTTP 200 with `errcode`): `0` is done; `130101` (more than 20 messages a
 //! minute) is "too fast": the robot is blocked for 10 minutes, so the error carries that block
 //! ([`DeliveryError::too_fast`]) and the fleet's limiter holds the profile back; `-1` (busy) and a
-//! `310000` that names the timestamp (clock skew) retry; `310000` otherwise (keyword, signature,
+//! `310000` saying `invalid timestamp` (clock skew) retry; `310000` otherwise (keyword, signature,
 //! IP allow-list), `300001` (no such token) and unknown codes are permanent. A timeout after the
 //! request left is retried (the robot has no idempotency key: a duplicate is possible, table 3.3
 //! "ambiguous").
@@ -237,7 +237,8 @@ pub fn classify(e: &BodyError) -> DeliveryError {
     let err = ERRORS.error(e);
     match e.code.as_str() {
         "130101" => DeliveryError::too_fast(err.code(), err.reason(), TOO_FAST_BLOCK),
-        "310000" if e.message.to_ascii_lowercase().contains("timestamp") => {
+        // The documented text of a clock skew; a keyword, signature or IP error never says it.
+        "310000" if e.message.to_ascii_lowercase().contains("invalid timestamp") => {
             DeliveryError::retry(err.code(), err.reason())
         }
         _ => err,

@@ -47,9 +47,14 @@ impl Poller {
             .filter_map(|((_, name), p)| match &p.connector {
                 ConnectorConfig::Dingtalk(c) => {
                     let ctx = ProfileContext::new(p.source.clone(), name.clone());
-                    DingtalkConnector::new(&ctx, c)
-                        .ok()
-                        .map(|c| (name.clone(), Arc::new(c)))
+                    match DingtalkConnector::new(&ctx, c) {
+                        Ok(c) => Some((name.clone(), Arc::new(c))),
+                        // build_router reports it too; the daemon does not start then.
+                        Err(e) => {
+                            tracing::warn!(profile = %name, error = %e, "dingtalk profile not polled");
+                            None
+                        }
+                    }
                 }
                 _ => None,
             })
