@@ -290,7 +290,7 @@ impl DingbotConnector {
         }
         let v: Value = serde_json::from_str(&text).map_err(|_| {
             DeliveryError::retry(
-                codes::family(codes::DINGBOT_ERROR, "bad-response"),
+                codes::DINGTALK_BAD_RESPONSE.code,
                 format!(
                     "the robot answered something that is not JSON: {}",
                     truncate(&text, 256)

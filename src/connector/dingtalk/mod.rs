@@ -39,7 +39,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::provider::body::{Class, ErrorTable, Field};
+use super::provider::body::{BodyError, Class, ErrorTable, Field};
 use super::provider::token::call_with_token;
 use super::provider::{classify_status, json_scalar, multipart_file, read_response, truncate};
 use super::redact::{self, Redactor};
@@ -80,6 +80,16 @@ pub const ERRORS: ErrorTable = ErrorTable {
     ],
     default: Class::Permanent,
 };
+
+/// The error of a body that reports one: [`ERRORS`], with QPM "too fast" holding the profile
+/// back a minute.
+pub fn classify(e: &BodyError) -> DeliveryError {
+    let err = ERRORS.error(e);
+    match e.code.as_str() {
+        "143103" | "143104" => DeliveryError::too_fast(err.code(), err.reason(), QPM_BLOCK),
+        _ => err,
+    }
+}
 
 /// A `dingtalk` profile.
 #[derive(Debug, Clone, Deserialize)]
@@ -419,15 +429,7 @@ impl DingtalkConnector {
         .await?;
         match ERRORS.find(&v) {
             None => Ok(v),
-            Some(e) => {
-                let err = ERRORS.error(&e);
-                Err(match e.code.as_str() {
-                    "143103" | "143104" => {
-                        DeliveryError::too_fast(err.code(), err.reason(), QPM_BLOCK)
-                    }
-                    _ => err,
-                })
-            }
+            Some(e) => Err(classify(&e)),
         }
     }
 
