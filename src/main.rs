@@ -130,6 +130,9 @@ enum Command {
     /// before saving).
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// DingTalk app tools (profiles of the dingtalk connector).
+    #[command(subcommand)]
+    Dingtalk(DingtalkCommand),
     /// Render a template (a NAME in the database, or a FILE) with variables, as the daemon would.
     /// Prints `Subject: …`, a blank line and the body; with --out, writes the body there and
     /// prints only the subject line.
@@ -149,6 +152,24 @@ enum Command {
         /// Write the rendered body to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DingtalkCommand {
+    /// Create a group chat (`chat/create`) with the profile's app, record it (api.dingtalk_chats())
+    /// and print its chatid, the address `chat:<chatid>` of api.send_dingtalk.
+    ChatCreate {
+        #[arg(long, default_value = "default")]
+        profile: String,
+        #[arg(long)]
+        name: String,
+        /// The owner's userid.
+        #[arg(long)]
+        owner: String,
+        /// Member userids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        users: Vec<String>,
     },
 }
 
@@ -267,6 +288,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::info!(message_id = %id, "demo message enqueued for file.agent");
             }
             outboxd::run(cfg, stop, controls).await?;
+        }
+        Command::Dingtalk(DingtalkCommand::ChatCreate {
+            profile,
+            name,
+            owner,
+            users,
+        }) => {
+            let chatid = outboxd::connector::dingtalk::poller::create_chat_now(
+                &cfg, &profile, &name, &owner, &users,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            println!("{chatid}");
         }
         Command::Template(t) => {
             use outboxd::render::store;

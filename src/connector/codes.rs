@@ -108,6 +108,11 @@ codes! {
     SLACK_ERROR = "slack-<error>", Either, "Slack's `error` in kebab case (Web API `ok:false`, or a webhook's plain-text answer): `slack-ratelimited` (also HTTP 429), `slack-internal-error` and `slack-fatal-error` retry; the others, `slack-invalid-auth` and `slack-token-revoked` included, are permanent";
     FEISHU_ERROR = "feishu-<code>", Either, "Feishu's body `code`: 11232 (flow control) and 2200 (internal error) retry; the others (19021 signature or timestamp, 9499 bad request…) are permanent";
     TELEGRAM_ERROR = "telegram-<error_code>", Either, "Telegram's `error_code`: 429 (too many requests, retried after `retry_after`) and 5xx retry; the others (403 blocked, 400 chat not found, 401 bad token…) are permanent";
+    // dingbot
+    DINGBOT_ERROR = "dingbot-<errcode>", Either, "the DingTalk robot's `errcode`: 130101 (too fast: blocked for 10 minutes), -1 and a 310000 about the timestamp retry; the others (310000 keyword, signature or IP, 300001 token) are permanent";
+    // dingtalk
+    DINGTALK_ERROR = "dingtalk-<errcode>", Either, "a DingTalk app API `errcode`: 143103/143104 (too fast), -1 and 1430003 retry; the others (143105 daily cap, 143106 duplicate, 1430000 no recipient…) are permanent";
+    DINGTALK_BAD_RESPONSE = "dingtalk-bad-response", Retry, "DingTalk answered something that is not JSON, or an upload or chat creation without its id";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

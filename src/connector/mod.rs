@@ -9,6 +9,8 @@
 //! caches) lives in the object.
 
 pub mod codes;
+pub mod dingbot;
+pub mod dingtalk;
 pub mod fcm;
 pub mod feishu;
 pub mod file;
@@ -278,6 +280,8 @@ kinds! {
     Slack = "slack", slack::SlackConfig => SlackConnector, agents [("api.agent", "slack.agent")];
     Feishu = "feishu", feishu::FeishuConfig => FeishuConnector, agents [("api.agent", "feishu.agent")];
     Telegram = "telegram", telegram::TelegramConfig => TelegramConnector, agents [("api.agent", "telegram.agent")];
+    Dingbot = "dingbot", dingbot::DingbotConfig => DingbotConnector, agents [("api.agent", "dingbot.agent")];
+    Dingtalk = "dingtalk", dingtalk::DingtalkConfig => DingtalkConnector, agents [("api.agent", "dingtalk.agent")];
 }
 
 /// The kind of a name written in `[connectors]`.
@@ -333,7 +337,7 @@ mod tests {
             kind_names().collect::<Vec<_>>(),
             [
                 "file", "http", "fcm", "m2m", "sba", "smtp", "wechat", "wecom", "wecombot",
-                "slack", "feishu", "telegram"
+                "slack", "feishu", "telegram", "dingbot", "dingtalk"
             ]
         );
         for (ty, agent, want) in [
@@ -347,6 +351,8 @@ mod tests {
             ("api.agent", "slack.agent", Some("slack")),
             ("api.agent", "feishu.agent", Some("feishu")),
             ("api.agent", "telegram.agent", Some("telegram")),
+            ("api.agent", "dingbot.agent", Some("dingbot")),
+            ("api.agent", "dingtalk.agent", Some("dingtalk")),
             ("api.agent", "anything.agent", Some("http")),
             ("system.agent", "file.agent", Some("file")),
             ("system.agent", "other.agent", None),
@@ -357,7 +363,7 @@ mod tests {
         let e = ConnectorConfig::from_table("nope", toml::Table::new()).unwrap_err();
         assert_eq!(
             e.1,
-            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, wechat, wecom, wecombot, slack, feishu, telegram)"
+            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, wechat, wecom, wecombot, slack, feishu, telegram, dingbot, dingtalk)"
         );
     }
 

@@ -207,6 +207,9 @@ pub async fn run(
             background_stop.clone(),
         ));
     }
+    if let Some(p) = crate::connector::dingtalk::poller::Poller::from_config(&cfg) {
+        background.spawn(p.run(shared.db.clone(), background_stop.clone()));
+    }
     if controls.notifier.enabled() {
         background.spawn(systemd_loop(
             shared.clone(),
