@@ -8,6 +8,7 @@
 //! One connector object exists per (kind, profile), so per-profile state (clients, pools, token
 //! caches) lives in the object.
 
+pub mod aliyunsms;
 pub mod codes;
 pub mod fcm;
 pub mod file;
@@ -266,6 +267,7 @@ kinds! {
     M2m = "m2m", m2m::M2mConfig => M2mConnector, agents [("api.agent", "m2m.agent")];
     Sba = "sba", sba::SbaConfig => SbaConnector, agents [("api.agent", "sba.agent")];
     Smtp = "smtp", smtp::SmtpConfig => SmtpConnector, agents [("email.agent", "smtp.agent")];
+    AliyunSms = "aliyunsms", aliyunsms::AliyunSmsConfig => AliyunSmsConnector, agents [("api.agent", "aliyunsms.agent")];
 }
 
 /// The kind of a name written in `[connectors]`.
@@ -319,13 +321,14 @@ mod tests {
     fn the_registry_keeps_the_built_in_routes_and_kinds() {
         assert_eq!(
             kind_names().collect::<Vec<_>>(),
-            ["file", "http", "fcm", "m2m", "sba", "smtp"]
+            ["file", "http", "fcm", "m2m", "sba", "smtp", "aliyunsms"]
         );
         for (ty, agent, want) in [
             ("email.agent", "smtp.agent", Some("smtp")),
             ("api.agent", "fcm.agent", Some("fcm")),
             ("api.agent", "m2m.agent", Some("m2m")),
             ("api.agent", "sba.agent", Some("sba")),
+            ("api.agent", "aliyunsms.agent", Some("aliyunsms")),
             ("api.agent", "anything.agent", Some("http")),
             ("system.agent", "file.agent", Some("file")),
             ("system.agent", "other.agent", None),
@@ -336,7 +339,7 @@ mod tests {
         let e = ConnectorConfig::from_table("nope", toml::Table::new()).unwrap_err();
         assert_eq!(
             e.1,
-            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp)"
+            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, aliyunsms)"
         );
     }
 

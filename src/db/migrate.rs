@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "chat_agents",
         include_str!("../../sql/008_chat_agents.sql"),
     ),
+    (
+        12,
+        "aliyun_sms",
+        include_str!("../../sql/012_aliyun_sms.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
