@@ -219,7 +219,10 @@ async fn delivers_through_the_sql_wrapper_and_stores_the_biz_id() {
         attempts(&s.c, id).await,
         vec![attempt(1, "done", None, Some(200))]
     );
-    assert!(s.sms.queries().is_empty(), "a first attempt does not query");
+    // Even the first attempt checks first (an interrupted attempt keeps its number).
+    let q = s.sms.queries();
+    assert!(!q.is_empty());
+    assert_eq!(q[0]["PhoneNumber"], "13800000000");
     // The content names the template and sign; the SQL wrapper refuses params that are no object.
     let id2: Uuid = s
         .c
@@ -329,7 +332,7 @@ async fn business_limit_control_is_too_fast_and_retried_after_the_block() {
     // The schedule says 20ms: only the 800ms block explains this gap.
     assert!(gap_ms >= 700.0, "{gap_ms}");
     // Attempt 2 checked first (nothing had gone), then sent once.
-    assert_eq!(s.sms.queries().len(), 1);
+    assert!(s.sms.queries().len() >= 2, "each attempt checked first");
     assert_eq!(s.sms.sent().len(), 1);
     assert_eq!(s.sms.send_requests(), 2);
     s.finish(&[id]).await;
@@ -452,6 +455,46 @@ async fn a_request_lost_before_the_service_acted_is_sent_exactly_once_on_retry()
     s.finish(&[id]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_during_send_sms_does_not_make_the_next_one_send_again() {
+    let mut s = setup(SECRET, "timeout = \"30s\"").await;
+    s.sms.script([Reply::AcceptThenHang]);
+    let id = send_sms(&s.c, "13800000000", r#"{"params": {"code": "79"}}"#).await;
+    wait_for(T, "the SMS to reach the double", || async {
+        (s.sms.sent().len() == 1).then_some(())
+    })
+    .await;
+    // Killed mid-call: the lease (5s) expires and the message comes back with its attempt number
+    // unchanged (attempt 1 again), which `attempt > 1` alone would not catch.
+    // Another daemon of the fleet (its own worker id, a short poll) takes over.
+    let mut tc = TestConfig::new(
+        &s.db,
+        &[("aliyunsms", &conf(&s.sms, SECRET, "timeout = \"5s\""))],
+    );
+    tc.config.poll_interval = Duration::from_millis(100);
+    tc.config.worker_id = Some("survivor".into());
+    let first = std::mem::replace(&mut s.daemon, Daemon::start(tc.config.clone()));
+    first.crash().await;
+    assert_eq!(
+        wait_final(&s.c, id).await,
+        "submitted",
+        "{:?}",
+        attempts(&s.c, id).await
+    );
+    let rows = attempts(&s.c, id).await;
+    assert_eq!(
+        rows,
+        vec![
+            attempt(1, "interrupted", Some("lease-expired"), None),
+            attempt(1, "done", None, Some(200)),
+        ]
+    );
+    assert_eq!(s.sms.send_requests(), 1, "exactly one SendSms");
+    assert_eq!(s.sms.sent().len(), 1);
+    s._tc = tc;
+    s.finish(&[id]).await;
+}
+
 #[test]
 fn the_example_profile_documents_only_real_keys() {
     let text = include_str!("../conf/aliyunsms.conf");
@@ -478,6 +521,7 @@ fn the_example_profile_documents_only_real_keys() {
         "sign_name",
         "template_code",
         "business_limit_block",
+        "check_first_attempt",
     ] {
         assert!(all.contains(&format!("\n{key} = ")), "{key} is documented");
     }

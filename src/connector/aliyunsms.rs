@@ -10,14 +10,16 @@
 //! becomes the `TemplateParam` JSON string. `BizId` is stored as the provider id.
 //!
 //! SendSms is not idempotent: an attempt that timed out, lost its connection or got a 5xx may have
-//! sent the SMS. The connector does not learn why an earlier attempt ended, so the rule is simple:
-//! every attempt after the first (`attempt > 1`) first asks `QuerySendDetails` for the first
-//! number's records of every day since the message was created (newest first; `yyyyMMdd` in China
-//! time and in UTC, so an attempt just before midnight is found whichever calendar the service
-//! keeps; at most the last 30 days, the API's limit) and looks for the message's `OutId`. Found:
-//! the message is done without a second SendSms (a record carries no `BizId`, so the provider id
-//! stays empty unless the service adds one). Not found: it is sent. A failed query fails the
-//! attempt as the query's error says, and nothing is sent.
+//! sent the SMS. The connector does not learn why an earlier attempt ended, and an attempt cut off
+//! by a killed daemon (lease expired) or a shutdown (handed back) comes back with the *same*
+//! attempt number, so the rule is: every attempt after the first, and by default the first too
+//! (`check_first_attempt`), first asks `QuerySendDetails` for the first number's records of every
+//! day since the message was created (newest first; `yyyyMMdd` in China time and in UTC, so an
+//! attempt just before midnight is found whichever calendar the service keeps; at most the last 30
+//! days, the API's limit) and looks for the message's `OutId`. Found: the message is done without
+//! a second SendSms (a record carries no `BizId`, so the provider id stays empty unless the service
+//! adds one). Not found: it is sent. A failed query fails the attempt as the query's error says,
+//! and nothing is sent.
 //!
 //! Invariants: address, code and content are checked before any network call; `Code` other than
 //! `OK` is an error whatever the HTTP status; the AccessKey id and secret and each request's
@@ -91,6 +93,11 @@ pub struct AliyunSmsConfig {
     /// the minute cap or no cap (an hour cap holds 1 h, a day cap until midnight China time).
     /// Default 1m.
     pub business_limit_block: Option<Dur>,
+    /// Whether the first attempt also asks QuerySendDetails before sending. Default true: a
+    /// daemon killed (lease expired) or stopped (handed back) during a SendSms gives the message
+    /// back with its attempt number unchanged, so `attempt > 1` alone would miss those. `false`
+    /// saves one query per SMS and accepts a duplicate after such an interruption.
+    pub check_first_attempt: Option<bool>,
     /// Request timeout (common key). Default 10s.
     pub timeout: Option<Dur>,
 }
@@ -591,7 +598,7 @@ impl AliyunSmsConnector {
 
     async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let sms = self.prepare(msg)?;
-        if msg.attempt > 1 {
+        if msg.attempt > 1 || self.cfg.check_first_attempt.unwrap_or(true) {
             if let Some(receipt) = self.earlier_send(msg, &sms).await? {
                 return Ok(receipt);
             }
