@@ -28,12 +28,10 @@
 //! origin.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Days, FixedOffset, NaiveDate, Utc};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -42,11 +40,18 @@ use serde_json::{Map, Value};
 use super::provider::body::{BodyError, Class, ErrorTable, Field};
 use super::provider::{
     classify_status, http_client_builder, json_scalar, kebab, read_response, retryable_status,
-    sign, truncate,
+    truncate,
 };
 use super::redact::{self, Redactor};
 use super::{codes, Connector, DeliveryError, OutboxMessage, Receipt};
-use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
+use crate::settings::{ConfigError, ProfileContext};
+
+mod config;
+mod sign;
+
+pub use config::AliyunSmsConfig;
+use config::{load_keys, Keys};
+pub use sign::{canonical_query, pop_encode, signature_v1};
 
 const DEFAULT_ENDPOINT: &str = "https://dysmsapi.aliyuncs.com";
 const DEFAULT_REGION: &str = "cn-hangzhou";
@@ -63,107 +68,6 @@ const MAX_PAGES: usize = 20;
 const QUERY_DAYS: u64 = 30;
 /// Aliyun's default per-number cap is one SMS a minute (then 5 an hour, 10 a day).
 const DEFAULT_LIMIT_BLOCK: Duration = Duration::from_secs(60);
-
-/// An `aliyunsms` profile.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AliyunSmsConfig {
-    /// The AccessKey id, inline…
-    pub access_key_id: Option<Secret>,
-    /// …or the name of an environment variable holding it…
-    pub access_key_id_env: Option<String>,
-    /// …or the path of a file holding it. One of the three is required.
-    pub access_key_id_file: Option<PathBuf>,
-    /// The AccessKey secret (the HMAC key), inline…
-    pub access_key_secret: Option<Secret>,
-    /// …or the name of an environment variable holding it…
-    pub access_key_secret_env: Option<String>,
-    /// …or the path of a file holding it. One of the three is required.
-    pub access_key_secret_file: Option<PathBuf>,
-    /// Base URL of the SMS API (requests go to `<endpoint>/`). Default
-    /// `https://dysmsapi.aliyuncs.com`.
-    pub endpoint: Option<String>,
-    /// `RegionId`. Default `cn-hangzhou`.
-    pub region_id: Option<String>,
-    /// `SignName` when the content names none (an approved sign).
-    pub sign_name: Option<String>,
-    /// `TemplateCode` when the content names none (an approved template, `SMS_…`).
-    pub template_code: Option<String>,
-    /// How long `isv.BUSINESS_LIMIT_CONTROL` holds the profile back when Aliyun's message names
-    /// the minute cap or no cap (an hour cap holds 1 h, a day cap until midnight China time).
-    /// Default 1m.
-    pub business_limit_block: Option<Dur>,
-    /// Whether the first attempt also asks QuerySendDetails before sending. Default true: a
-    /// daemon killed (lease expired) or stopped (handed back) during a SendSms gives the message
-    /// back with its attempt number unchanged, so `attempt > 1` alone would miss those. `false`
-    /// saves one query per SMS and accepts a duplicate after such an interruption.
-    pub check_first_attempt: Option<bool>,
-    /// Request timeout (common key). Default 10s.
-    pub timeout: Option<Dur>,
-}
-
-/// The AccessKey pair.
-#[derive(Clone)]
-struct Keys {
-    id: Secret,
-    secret: Secret,
-}
-
-fn load_keys(cfg: &AliyunSmsConfig) -> Result<Keys, (&'static str, String)> {
-    let one = |value: &Option<Secret>, env: &Option<String>, file: &Option<PathBuf>, what| {
-        SecretSource::of(value, env, file)
-            .resolve(what)
-            .map_err(|m| (what, m))?
-            .filter(|s| !s.expose().trim().is_empty())
-            .ok_or_else(|| (what, format!("required: set {what}_env or {what}_file")))
-    };
-    Ok(Keys {
-        id: one(
-            &cfg.access_key_id,
-            &cfg.access_key_id_env,
-            &cfg.access_key_id_file,
-            "access_key_id",
-        )?,
-        secret: one(
-            &cfg.access_key_secret,
-            &cfg.access_key_secret_env,
-            &cfg.access_key_secret_file,
-            "access_key_secret",
-        )?,
-    })
-}
-
-/// Aliyun's `percentEncode`: UTF-8, RFC 3986 unreserved characters kept, everything else `%XY`
-/// in upper case (so a space is `%20`, `*` is `%2A`, `~` stays).
-const POP_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-pub fn pop_encode(s: &str) -> String {
-    utf8_percent_encode(s, POP_UNRESERVED).to_string()
-}
-
-/// `k1=v1&k2=v2…`, names sorted by byte order, names and values encoded, `Signature` left out.
-pub fn canonical_query(params: &BTreeMap<String, String>) -> String {
-    params
-        .iter()
-        .filter(|(k, _)| k.as_str() != "Signature")
-        .map(|(k, v)| format!("{}={}", pop_encode(k), pop_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// Signature v1: `Base64(HMAC-SHA1(secret + "&", METHOD&%2F&percentEncode(canonical query)))`.
-pub fn signature_v1(method: &str, params: &BTreeMap<String, String>, secret: &str) -> String {
-    let to_sign = format!(
-        "{method}&{}&{}",
-        pop_encode("/"),
-        pop_encode(&canonical_query(params))
-    );
-    sign::hmac_sha1_base64(format!("{secret}&").as_bytes(), &[to_sign.as_bytes()])
-}
 
 /// Aliyun's codes and what they mean (providers.md §2.8). Not listed: `isp.*` retries, anything
 /// else retries with a retryable HTTP status and is permanent otherwise (template, sign, number,
