@@ -113,6 +113,11 @@ codes! {
     // dingtalk
     DINGTALK_ERROR = "dingtalk-<errcode>", Either, "a DingTalk app API `errcode`: 143103/143104 (too fast), -1 and 1430003 retry; the others (143105 daily cap, 143106 duplicate, 1430000 no recipient…) are permanent";
     DINGTALK_BAD_RESPONSE = "dingtalk-bad-response", Retry, "DingTalk answered something that is not JSON, or an upload or chat creation without its id";
+    // aliyunsms
+    ALIYUN_ERROR = "aliyun-<code>", Either, "Aliyun's `Code` in kebab case, camel case split (`isv.MOBILE_NUMBER_ILLEGAL` → `aliyun-isv-mobile-number-illegal`): `isp.*` except `isp.RAM_PERMISSION_DENY`, throttling, nonce and clock errors and 5xx retry, the rest (template, sign, number, balance, credentials) are permanent";
+    ALIYUN_LIMIT = "aliyun-isv-business-limit-control", Retry, "too fast: Aliyun's per-number frequency cap; held back for the cap's window (minute: `business_limit_block`, default 1m; hour; day)";
+    ALIYUN_SIGNATURE = "aliyun-signature-does-not-match", Permanent, "Aliyun computed another signature: the profile's `access_key_secret` is wrong";
+    ALIYUN_BAD_RESPONSE = "aliyun-bad-response", Retry, "Aliyun answered something that is not its JSON (the SMS may have gone: the next attempt checks `QuerySendDetails` first)";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

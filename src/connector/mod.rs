@@ -8,6 +8,7 @@
 //! One connector object exists per (kind, profile), so per-profile state (clients, pools, token
 //! caches) lives in the object.
 
+pub mod aliyunsms;
 pub mod codes;
 pub mod dingbot;
 pub mod dingtalk;
@@ -282,6 +283,7 @@ kinds! {
     Telegram = "telegram", telegram::TelegramConfig => TelegramConnector, agents [("api.agent", "telegram.agent")];
     Dingbot = "dingbot", dingbot::DingbotConfig => DingbotConnector, agents [("api.agent", "dingbot.agent")];
     Dingtalk = "dingtalk", dingtalk::DingtalkConfig => DingtalkConnector, agents [("api.agent", "dingtalk.agent")];
+    AliyunSms = "aliyunsms", aliyunsms::AliyunSmsConfig => AliyunSmsConnector, agents [("api.agent", "aliyunsms.agent")];
 }
 
 /// The kind of a name written in `[connectors]`.
@@ -333,13 +335,7 @@ mod tests {
 
     #[test]
     fn the_registry_keeps_the_built_in_routes_and_kinds() {
-        assert_eq!(
-            kind_names().collect::<Vec<_>>(),
-            [
-                "file", "http", "fcm", "m2m", "sba", "smtp", "wechat", "wecom", "wecombot",
-                "slack", "feishu", "telegram", "dingbot", "dingtalk"
-            ]
-        );
+        assert_eq!(kind_names().collect::<Vec<_>>(), ["file", "http", "fcm", "m2m", "sba", "smtp", "wechat", "wecom", "wecombot", "slack", "feishu", "telegram", "dingbot", "dingtalk", "aliyunsms"]);
         for (ty, agent, want) in [
             ("email.agent", "smtp.agent", Some("smtp")),
             ("api.agent", "fcm.agent", Some("fcm")),
@@ -353,6 +349,7 @@ mod tests {
             ("api.agent", "telegram.agent", Some("telegram")),
             ("api.agent", "dingbot.agent", Some("dingbot")),
             ("api.agent", "dingtalk.agent", Some("dingtalk")),
+            ("api.agent", "aliyunsms.agent", Some("aliyunsms")),
             ("api.agent", "anything.agent", Some("http")),
             ("system.agent", "file.agent", Some("file")),
             ("system.agent", "other.agent", None),
@@ -363,7 +360,7 @@ mod tests {
         let e = ConnectorConfig::from_table("nope", toml::Table::new()).unwrap_err();
         assert_eq!(
             e.1,
-            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, wechat, wecom, wecombot, slack, feishu, telegram, dingbot, dingtalk)"
+            "unknown connector kind \"nope\" (known: file, http, fcm, m2m, sba, smtp, wechat, wecom, wecombot, slack, feishu, telegram, dingbot, dingtalk, aliyunsms)"
         );
     }
 
