@@ -95,6 +95,8 @@ codes! {
     SBA_ERROR = "sba-<errorCode>", Either, "Sberbank's `errorCode`: 7 (system error) retries, the others are permanent";
     SBA_BAD_RESPONSE = "sba-bad-response", Retry, "Sberbank answered `register.do` without an `orderId`";
     METHOD_DENIED = "method-denied", Permanent, "the Sberbank method is not in the profile's `methods`";
+    // Rate limits (the dispatcher's).
+    RATE_LIMIT_UNAVAILABLE = "rate-limit-unavailable", Retry, "the rate limiter's database call failed; the message was not sent";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "chat_agents",
         include_str!("../../sql/008_chat_agents.sql"),
     ),
+    (
+        13,
+        "rate_limits",
+        include_str!("../../sql/013_rate_limits.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
