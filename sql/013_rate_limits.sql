@@ -112,12 +112,16 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Windows seen for the first time; sorted so that concurrent first inserts cannot deadlock.
-    INSERT INTO outbox.rate_windows (bucket, window_ms, max_count)
-    SELECT b.bucket, b.window_ms, b.max_count
-      FROM unnest(p_buckets, p_window_ms, p_counts) AS b(bucket, window_ms, max_count)
-     ORDER BY b.bucket
-    ON CONFLICT (bucket) DO NOTHING;
+    -- Windows seen for the first time (rarely: only then is the insert tried); sorted so that
+    -- concurrent first inserts cannot deadlock.
+    IF (SELECT count(*) FROM outbox.rate_windows w WHERE w.bucket = ANY (p_buckets))
+       < cardinality(p_buckets) THEN
+        INSERT INTO outbox.rate_windows (bucket, window_ms, max_count)
+        SELECT b.bucket, b.window_ms, b.max_count
+          FROM unnest(p_buckets, p_window_ms, p_counts) AS b(bucket, window_ms, max_count)
+         ORDER BY b.bucket
+        ON CONFLICT (bucket) DO NOTHING;
+    END IF;
 
     -- A reservation is honoured only if it is due now, not too late, and its window is not blocked.
     IF v_held_at IS NOT NULL AND (v_held_in <> ALL (p_buckets)
