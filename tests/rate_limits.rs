@@ -632,3 +632,55 @@ async fn what_the_limiter_costs_per_message() {
         figures.join(", ")
     );
 }
+
+/// check-config's view: a bad window or key names the file and the profile's key; a fallback
+/// that is no configured profile is refused when the router is built.
+#[test]
+fn bad_limits_and_fallbacks_name_the_file_and_key() {
+    let errors = outboxd::config::parse_profiles(
+        "http",
+        "[a]\nurl = \"http://x\"\nrate_limit = [\"20 per minute\"]\n\
+         [b]\nurl = \"http://x\"\nrate_limit_per = \"chat\"\n\
+         [c]\nurl = \"http://x\"\nfallback_attempts = 2\n",
+        "conf.d/http.conf",
+    )
+    .unwrap_err();
+    let mut keys: Vec<(String, Option<String>)> = errors
+        .iter()
+        .map(|e| (e.file.clone(), e.key.clone()))
+        .collect();
+    keys.sort();
+    let k = |s: &str| ("conf.d/http.conf".to_string(), Some(s.to_string()));
+    assert_eq!(
+        keys,
+        [
+            k("a.rate_limit"),
+            k("b.rate_limit_per"),
+            k("c.fallback_attempts")
+        ]
+    );
+    assert!(
+        errors[0].to_string().contains("20 per minute"),
+        "{}",
+        errors[0]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("http.conf");
+    std::fs::write(
+        &conf,
+        "[a]\nurl = \"http://x\"\nfallback = [\"sms/nowhere\"]\n\
+         [b]\nurl = \"http://x\"\nrate_limit = [\"5/1s\", \"1/1s per address\"]\nfallback = [\"http/a\"]\n",
+    )
+    .unwrap();
+    let cfg = outboxd::config::Config {
+        connectors: [("http".to_string(), conf.clone())].into_iter().collect(),
+        ..outboxd::config::Config::default()
+    };
+    let errors = outboxd::dispatch::build_router(&cfg)
+        .err()
+        .expect("refused");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].key.as_deref(), Some("a.fallback"));
+    assert_eq!(errors[0].file, conf.display().to_string());
+}
