@@ -3,7 +3,10 @@
 //!
 //! Data path: a wake-up (NOTIFY via the listener, a poll tick, or freed capacity) runs
 //! `outbox.claim` for as many messages as there are free delivery slots (at most `batch_size`);
-//! each claimed message is delivered in its own task (a panic becomes a failed attempt); outcomes go
+//! each claimed message is delivered in its own task (a panic becomes a failed attempt) — through a
+//! fallback profile when its profile's fallback rule says so ([`fallback`]), and, for a profile
+//! with rate windows, only after `outbox.rate_take` granted a turn: a message over the limit is
+//! deferred by that same call, uncharged, and its slot freed at once ([`ratelimit`]); outcomes go
 //! through a channel to one recorder, which writes whatever has accumulated with one
 //! `outbox.record_outcomes` call. While deliveries run, a heartbeat extends their leases.
 //!
