@@ -221,13 +221,26 @@ async fn too_fast_is_a_retry_held_back_ten_minutes_not_a_failure() {
         .get(0);
     assert!(wait > 540.0 && wait <= 600.0, "{wait}");
     assert_eq!(dd.calls("/robot/send").len(), 1);
-    // When it is due again, it goes.
+    // The robot's windows are held back as long (the rate limiter's block).
+    let blocked: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.rate_windows WHERE blocked_until > now() + interval '9 minutes'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(blocked > 0, "130101 blocks the profile's windows");
+    // When the block is over (time passed, here by hand), it goes.
     c.execute(
         "UPDATE outbox.messages SET next_attempt_at = now() WHERE id = $1",
         &[&id],
     )
     .await
     .unwrap();
+    c.execute("UPDATE outbox.rate_windows SET blocked_until = NULL", &[])
+        .await
+        .unwrap();
     c.execute("NOTIFY outbox", &[]).await.unwrap();
     assert_eq!(wait_final(&c, id).await, "submitted");
     d.stop().await;

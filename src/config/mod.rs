@@ -608,10 +608,26 @@ struct CommonKeys {
     max_content_bytes: Option<usize>,
 }
 
+/// The keys of a profile that the dispatcher applies around its connector (issue 10).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DispatchKeys {
+    rate_limit: Option<Vec<String>>,
+    rate_limit_per: Option<String>,
+    fallback: Option<Vec<String>>,
+    fallback_after: Option<Dur>,
+    fallback_attempts: Option<u32>,
+}
+
 /// One profile: the common settings and the connector's own.
 #[derive(Debug, Clone)]
 pub struct ProfileConfig {
     pub common: ProfileCommon,
+    /// `rate_limit` / `rate_limit_per`, or the kind's built-in limits (see
+    /// [`crate::dispatch::ratelimit`]); empty: unlimited.
+    pub rate_limits: Vec<crate::dispatch::ratelimit::RateWindow>,
+    /// `fallback`, `fallback_after`, `fallback_attempts` (see [`crate::dispatch::fallback`]).
+    pub fallback: Option<crate::dispatch::fallback::Fallback>,
     pub connector: ConnectorConfig,
     /// The file it came from, for error messages.
     pub source: String,
@@ -683,6 +699,39 @@ fn parse_profiles_partial(
                 common_table.insert(key.into(), v);
             }
         }
+        let mut dispatch_table = toml::Table::new();
+        for key in [
+            "rate_limit",
+            "rate_limit_per",
+            "fallback",
+            "fallback_after",
+            "fallback_attempts",
+        ] {
+            if let Some(v) = t.remove(key) {
+                dispatch_table.insert(key.into(), v);
+            }
+        }
+        let dispatch = deserialize_table::<DispatchKeys>(dispatch_table)
+            .map_err(|(key, msg)| (key.unwrap_or_default(), msg))
+            .and_then(|d| {
+                let limits =
+                    crate::dispatch::ratelimit::from_keys(kind, d.rate_limit, d.rate_limit_per)
+                        .map_err(|(k, m)| (k.to_string(), m))?;
+                let fallback = crate::dispatch::fallback::Fallback::from_keys(
+                    d.fallback,
+                    d.fallback_after.map(|x| x.0),
+                    d.fallback_attempts,
+                )
+                .map_err(|(k, m)| (k.to_string(), m))?;
+                Ok((limits, fallback))
+            });
+        let (rate_limits, fallback) = match dispatch {
+            Ok(x) => x,
+            Err((key, msg)) => {
+                errors.push(ConfigError::new(file, Some(format!("{name}.{key}")), msg));
+                continue;
+            }
+        };
         // `timeout` is also the connector's own request timeout: hand it on.
         if let Some(v) = common_table.get("timeout") {
             t.insert("timeout".into(), v.clone());
@@ -743,6 +792,8 @@ fn parse_profiles_partial(
                 name,
                 ProfileConfig {
                     common: c,
+                    rate_limits,
+                    fallback,
                     connector,
                     source: file.to_string(),
                 },

@@ -171,11 +171,13 @@ fn in_context(e: DeliveryError, context: &str) -> DeliveryError {
             reason,
             retry_after,
             remote_status,
+            too_fast,
         } => DeliveryError::Retry {
             code,
             reason: format!("{context}: {reason}"),
             retry_after,
             remote_status,
+            too_fast,
         },
         DeliveryError::Permanent {
             code,

@@ -118,6 +118,8 @@ codes! {
     ALIYUN_LIMIT = "aliyun-isv-business-limit-control", Retry, "too fast: Aliyun's per-number frequency cap; held back for the cap's window (minute: `business_limit_block`, default 1m; hour; day)";
     ALIYUN_SIGNATURE = "aliyun-signature-does-not-match", Permanent, "Aliyun computed another signature: the profile's `access_key_secret` is wrong";
     ALIYUN_BAD_RESPONSE = "aliyun-bad-response", Retry, "Aliyun answered something that is not its JSON (the SMS may have gone: the next attempt checks `QuerySendDetails` first)";
+    // Rate limits (the dispatcher's).
+    RATE_LIMIT_UNAVAILABLE = "rate-limit-unavailable", Retry, "the rate limiter's database call failed; the message was not sent";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

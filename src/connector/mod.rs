@@ -98,6 +98,9 @@ pub enum DeliveryError {
         reason: String,
         retry_after: Option<Duration>,
         remote_status: Option<i32>,
+        /// The platform said "too fast" ([`DeliveryError::too_fast`]): the dispatcher blocks the
+        /// profile's rate windows for `retry_after`, not only this message.
+        too_fast: bool,
     },
     /// Final: the message goes to failed at once.
     #[error("{code}: {reason}")]
@@ -115,6 +118,7 @@ impl DeliveryError {
             reason: reason.into(),
             retry_after: None,
             remote_status: None,
+            too_fast: false,
         }
     }
 
@@ -130,7 +134,23 @@ impl DeliveryError {
     /// `ratelimited`, Telegram 429): a retry not before `block`. The rate limiter holds the whole
     /// profile (not only this message) back by `block`, as the platform does.
     pub fn too_fast(code: impl Into<String>, reason: impl Into<String>, block: Duration) -> Self {
-        DeliveryError::retry(code, reason).with_retry_after(Some(block))
+        DeliveryError::retry(code, reason)
+            .with_retry_after(Some(block))
+            .marked_too_fast()
+    }
+
+    /// Marks a retry as the platform's "too fast" (an HTTP 429 without a block time: the
+    /// dispatcher then blocks the profile until the message's own retry).
+    pub fn marked_too_fast(mut self) -> Self {
+        if let DeliveryError::Retry { too_fast, .. } = &mut self {
+            *too_fast = true;
+        }
+        self
+    }
+
+    /// Whether the platform said "too fast" (see [`DeliveryError::too_fast`]).
+    pub fn is_too_fast(&self) -> bool {
+        matches!(self, DeliveryError::Retry { too_fast: true, .. })
     }
 
     /// Sets the remote status (HTTP status, SMTP reply code).
@@ -335,7 +355,26 @@ mod tests {
 
     #[test]
     fn the_registry_keeps_the_built_in_routes_and_kinds() {
-        assert_eq!(kind_names().collect::<Vec<_>>(), ["file", "http", "fcm", "m2m", "sba", "smtp", "wechat", "wecom", "wecombot", "slack", "feishu", "telegram", "dingbot", "dingtalk", "aliyunsms"]);
+        assert_eq!(
+            kind_names().collect::<Vec<_>>(),
+            [
+                "file",
+                "http",
+                "fcm",
+                "m2m",
+                "sba",
+                "smtp",
+                "wechat",
+                "wecom",
+                "wecombot",
+                "slack",
+                "feishu",
+                "telegram",
+                "dingbot",
+                "dingtalk",
+                "aliyunsms"
+            ]
+        );
         for (ty, agent, want) in [
             ("email.agent", "smtp.agent", Some("smtp")),
             ("api.agent", "fcm.agent", Some("fcm")),

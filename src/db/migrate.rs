@@ -25,8 +25,22 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/008_chat_agents.sql"),
     ),
     (
+        9,
+        "wechat_wecom",
+        include_str!("../../sql/009_wechat_wecom.sql"),
+    ),
     (10, "dingtalk", include_str!("../../sql/010_dingtalk.sql")),
     (11, "chat_send", include_str!("../../sql/011_chat_send.sql")),
+    (
+        12,
+        "aliyun_sms",
+        include_str!("../../sql/012_aliyun_sms.sql"),
+    ),
+    (
+        13,
+        "rate_limits",
+        include_str!("../../sql/013_rate_limits.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"

@@ -139,6 +139,9 @@ pub struct OutcomeRow {
     pub duration_ms: i32,
     pub retry_delay_ms: Option<i32>,
     pub reply: Option<String>,
+    /// `<kind>/<profile>` of the connector that made the attempt (a fallback's, when one did);
+    /// `None` when no connector was found.
+    pub profile: Option<String>,
 }
 
 impl OutcomeRow {
@@ -270,7 +273,21 @@ const CLAIM: &str =
 const TEMPLATES: &str = "SELECT message_id, name, kind, version, subject, body, vars \
                          FROM outbox.message_templates_of($1)";
 const RECORD: &str = "SELECT id, claim_id, result \
-                      FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+                      FROM outbox.record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+const RATE_TAKE: &str =
+    "SELECT result, wait_ms FROM outbox.rate_take($1, $2, $3, $4, $5, $6, $7, NULL)";
+const RATE_BLOCK: &str = "SELECT outbox.rate_block($1, $2, $3, $4, NULL)";
+
+/// What `outbox.rate_take` decided for a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateTurn {
+    /// Every window allows it now: deliver.
+    Send,
+    /// Over a limit: already back in prepared (uncharged), due after this wait.
+    Deferred(Duration),
+    /// The claim is no longer held (its lease was lost): drop the delivery.
+    NotHeld,
+}
 
 impl Db {
     /// Builds a pool (connections are opened lazily, with TLS as the URL's `sslmode` says) whose
@@ -510,6 +527,7 @@ impl Db {
         let durations: Vec<i32> = rows.iter().map(|r| r.duration_ms).collect();
         let delays: Vec<Option<i32>> = rows.iter().map(|r| r.retry_delay_ms).collect();
         let replies: Vec<Option<&str>> = rows.iter().map(|r| r.reply.as_deref()).collect();
+        let profiles: Vec<Option<&str>> = rows.iter().map(|r| r.profile.as_deref()).collect();
         self.timed("record_outcomes", async {
             let c = self.pool.get().await?;
             let st = c.prepare_cached(RECORD).await?;
@@ -518,7 +536,7 @@ impl Db {
                     &st,
                     &[
                         &worker, &ids, &claim_ids, &attempts, &outcomes, &codes, &texts, &statuses,
-                        &providers, &durations, &delays, &replies,
+                        &providers, &durations, &delays, &replies, &profiles,
                     ],
                 )
                 .await?;
@@ -533,6 +551,62 @@ impl Db {
                     ((r.get(0), r.get(1)), result)
                 })
                 .collect())
+        })
+        .await
+    }
+
+    /// Takes a turn in the rate windows `buckets` for the claim (`id`, `claim_id`) that `worker`
+    /// holds, in one round trip; a message over the limit is deferred by the same call (see
+    /// `sql/013_rate_limits.sql`). A reservation more than `late` overdue is not honoured.
+    pub async fn rate_take(
+        &self,
+        worker: &str,
+        claim: ClaimKey,
+        buckets: &[crate::dispatch::ratelimit::Bucket],
+        late: Duration,
+    ) -> Result<RateTurn, DbError> {
+        let names: Vec<&str> = buckets.iter().map(|b| b.name.as_str()).collect();
+        let windows: Vec<i32> = buckets.iter().map(|b| b.window_ms).collect();
+        let counts: Vec<i32> = buckets.iter().map(|b| b.count).collect();
+        let late_ms = late.as_millis().min(i32::MAX as u128) as i32;
+        self.timed("rate_take", async {
+            let c = self.pool.get().await?;
+            let st = c.prepare_cached(RATE_TAKE).await?;
+            let row = c
+                .query_opt(
+                    &st,
+                    &[
+                        &worker, &claim.0, &claim.1, &names, &windows, &counts, &late_ms,
+                    ],
+                )
+                .await?;
+            Ok(match row {
+                None => RateTurn::NotHeld,
+                Some(r) if r.get::<_, &str>(0) == "send" => RateTurn::Send,
+                Some(r) => {
+                    RateTurn::Deferred(Duration::from_millis(r.get::<_, i32>(1).max(0) as u64))
+                }
+            })
+        })
+        .await
+    }
+
+    /// Blocks the rate windows `buckets` for `block` (the platform said "too fast").
+    pub async fn rate_block(
+        &self,
+        buckets: &[crate::dispatch::ratelimit::Bucket],
+        block: Duration,
+    ) -> Result<(), DbError> {
+        let names: Vec<&str> = buckets.iter().map(|b| b.name.as_str()).collect();
+        let windows: Vec<i32> = buckets.iter().map(|b| b.window_ms).collect();
+        let counts: Vec<i32> = buckets.iter().map(|b| b.count).collect();
+        let block_ms = block.as_millis().min(i32::MAX as u128) as i32;
+        self.timed("rate_block", async {
+            let c = self.pool.get().await?;
+            let st = c.prepare_cached(RATE_BLOCK).await?;
+            c.execute(&st, &[&names, &windows, &counts, &block_ms])
+                .await?;
+            Ok(())
         })
         .await
     }
@@ -704,6 +778,7 @@ mod tests {
             duration_ms: 1,
             retry_delay_ms: None,
             reply: Some("\0".into()),
+            profile: None,
         };
         let s = row.storable();
         assert_eq!(s.error_text.as_deref(), Some("a\u{FFFD}b"));

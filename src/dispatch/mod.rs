@@ -3,7 +3,10 @@
 //!
 //! Data path: a wake-up (NOTIFY via the listener, a poll tick, or freed capacity) runs
 //! `outbox.claim` for as many messages as there are free delivery slots (at most `batch_size`);
-//! each claimed message is delivered in its own task (a panic becomes a failed attempt); outcomes go
+//! each claimed message is delivered in its own task (a panic becomes a failed attempt) — through a
+//! fallback profile when its profile's fallback rule says so ([`fallback`]), and, for a profile
+//! with rate windows, only after `outbox.rate_take` granted a turn: a message over the limit is
+//! deferred by that same call, uncharged, and its slot freed at once ([`ratelimit`]); outcomes go
 //! through a channel to one recorder, which writes whatever has accumulated with one
 //! `outbox.record_outcomes` call. While deliveries run, a heartbeat extends their leases.
 //!
@@ -18,6 +21,8 @@
 //! messages are handed back with `outbox.release_claim`, uncharged. If the daemon dies instead,
 //! leases expire and any daemon reclaims them.
 
+pub mod fallback;
+pub mod ratelimit;
 pub mod retention;
 pub mod retry;
 pub mod router;
@@ -38,7 +43,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
 use crate::connector::{DeliveryError, OutboxMessage, Receipt};
-use crate::db::{ClaimKey, Db, DbError, OutcomeRow, Recorded};
+use crate::db::{ClaimKey, Db, DbError, OutcomeRow, RateTurn, Recorded};
 pub use retry::RetryDecision;
 pub use router::Router;
 
@@ -67,6 +72,8 @@ pub struct RunReport {
     /// Messages of claim calls that failed on the client but committed on the server, handed
     /// back undelivered with `outbox.release_claim`.
     pub orphaned: u64,
+    /// Put back uncharged by a rate limit, due when their window allows them (not counted above).
+    pub deferred: u64,
 }
 
 /// Handles that control a running daemon.
@@ -121,7 +128,13 @@ struct Shared {
     worker: String,
     inflight: Mutex<HashMap<ClaimKey, Flight>>,
     report: Mutex<RunReport>,
+    /// How each profile has been doing, for provider fallback.
+    health: fallback::HealthBook,
 }
+
+/// How late a reserved rate slot may be taken up: a message claimed later than this after its
+/// slot takes a new turn, so that the gaps the window keeps between sends stay within this much.
+const RATE_LATE: Duration = Duration::from_millis(50);
 
 /// Runs the daemon until `shutdown` completes, then drains (see the module docs).
 pub async fn run(
@@ -156,6 +169,7 @@ pub async fn run(
         worker,
         inflight: Mutex::new(HashMap::new()),
         report: Mutex::new(RunReport::default()),
+        health: fallback::HealthBook::default(),
     });
 
     let stop = CancellationToken::new();
@@ -344,17 +358,81 @@ pub async fn run(
                         .lock()
                         .unwrap()
                         .insert(key, Flight::default());
-                    let route = router.load().resolve(&msg).cloned();
+                    let routes = router.load_full();
                     let tx = done_tx.clone();
                     let stats = controls.stats.clone();
                     let shared = shared.clone();
+                    let wake = wake.clone();
                     deliveries.spawn(async move {
+                        let route = routes.resolve(&msg).cloned();
+                        let (msg, route) = render_template(msg, template, route);
+                        let route = route.map(|r| with_fallback(&routes, r, &msg, &shared.health));
                         let connector = route
                             .as_ref()
                             .map_or_else(|_| "-".to_string(), |r| r.connector.name().to_string());
-                        let (msg, route) = render_template(msg, template, route);
-                        let mut row = deliver_one(&msg, route).await;
+                        let buckets = match &route {
+                            Ok(r) if !r.rate_limits.is_empty() => ratelimit::buckets(
+                                &r.profile,
+                                &r.rate_limits,
+                                msg.address.as_deref(),
+                            ),
+                            _ => Vec::new(),
+                        };
+                        let mut route = route;
+                        if !buckets.is_empty() {
+                            match shared
+                                .db
+                                .rate_take(&shared.worker, key, &buckets, RATE_LATE)
+                                .await
+                            {
+                                Ok(RateTurn::Send) => {}
+                                Ok(turn) => {
+                                    // Already back in prepared (or no longer ours): nothing to
+                                    // record, and the slot is free at once.
+                                    let left = {
+                                        let mut inflight = shared.inflight.lock().unwrap();
+                                        inflight.remove(&key);
+                                        inflight.len()
+                                    };
+                                    stats.set_in_flight(left);
+                                    if let RateTurn::Deferred(wait) = turn {
+                                        shared.report.lock().unwrap().deferred += 1;
+                                        tracing::debug!(message_id = %msg.id, profile = %msg.profile, connector, wait = ?wait, "over the rate limit; deferred");
+                                        tokio::spawn(async move {
+                                            tokio::time::sleep(wait + Duration::from_millis(1)).await;
+                                            wake.notify_one();
+                                        });
+                                    }
+                                    drop(permit);
+                                    return;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(message_id = %msg.id, profile = %msg.profile, error = %e, "rate limiter unavailable; the message is not sent now");
+                                    route = route.map(|r| router::Route {
+                                        connector: Arc::new(Unavailable(e.to_string())),
+                                        ..r
+                                    });
+                                }
+                            }
+                        }
+                        let profile = route.as_ref().ok().map(|r| r.profile.clone());
+                        let (mut row, too_fast) = deliver_one(&msg, route).await;
                         row.claim_id = claim_id;
+                        if let Some(block) = too_fast.filter(|_| !buckets.is_empty()) {
+                            let blocked = ratelimit::blocked_by_too_fast(&buckets);
+                            match shared.db.rate_block(&blocked, block).await {
+                                Ok(()) => tracing::warn!(message_id = %msg.id, profile = %msg.profile, connector, block = ?block, "the platform said too fast; its rate windows are blocked"),
+                                Err(e) => tracing::warn!(message_id = %msg.id, error = %e, "could not block the rate windows after a too-fast answer"),
+                            }
+                        }
+                        if let Some(p) = &profile {
+                            shared.health.observe(
+                                p,
+                                row.outcome,
+                                row.outcome == "retry",
+                                Instant::now(),
+                            );
+                        }
                         observe(&stats, &msg, &connector, &row);
                         // From here on the message is never handed back: its outcome is pending.
                         if let Some(f) = shared.inflight.lock().unwrap().get_mut(&key) {
@@ -476,11 +554,61 @@ fn render_template(
     }
 }
 
-/// Delivers one message and turns the result into the row to record.
+/// The route a message's attempt takes: its profile's, or a fallback's when the profile's
+/// fallback rule says so (see [`fallback`]). The fallback's connector and settings make the
+/// attempt; the message keeps its own retry schedule and attempt limit.
+fn with_fallback(
+    routes: &Router,
+    route: router::Route,
+    msg: &OutboxMessage,
+    health: &fallback::HealthBook,
+) -> router::Route {
+    let Some(f) = &route.fallback else {
+        return route;
+    };
+    let Some(i) = fallback::choose(f, &route.profile, msg.attempt, health, Instant::now()) else {
+        return route;
+    };
+    match routes.profile(&f.profiles[i]) {
+        Some(other) => {
+            tracing::info!(message_id = %msg.id, profile = %route.profile, fallback = %other.profile, attempt = msg.attempt, "delivering through a fallback profile");
+            router::Route {
+                common: crate::config::ProfileCommon {
+                    retry: route.common.retry.clone(),
+                    max_attempts: route.common.max_attempts,
+                    ..other.common.clone()
+                },
+                ..other.clone()
+            }
+        }
+        // Checked when the router was built; a reload keeps both or neither.
+        None => route,
+    }
+}
+
+/// Stands in for the connector when the rate limiter could not be asked: the message is not sent
+/// (sending it could break the limit for the whole fleet) and is retried.
+struct Unavailable(String);
+
+#[async_trait::async_trait]
+impl crate::connector::Connector for Unavailable {
+    fn name(&self) -> &str {
+        "rate-limiter"
+    }
+    async fn deliver(&self, _: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        Err(DeliveryError::retry(
+            crate::connector::codes::RATE_LIMIT_UNAVAILABLE.code,
+            format!("the rate limiter could not be asked: {}", self.0),
+        ))
+    }
+}
+
+/// Delivers one message and turns the result into the row to record; also says for how long the
+/// platform asked the profile to stop when it answered "too fast".
 async fn deliver_one(
     msg: &OutboxMessage,
     route: Result<router::Route, DeliveryError>,
-) -> OutcomeRow {
+) -> (OutcomeRow, Option<Duration>) {
     let started = Instant::now();
     let span = tracing::debug_span!(
         "deliver",
@@ -492,6 +620,7 @@ async fn deliver_one(
     let connector = route
         .as_ref()
         .map_or_else(|_| "-".to_string(), |r| r.connector.name().to_string());
+    let profile = route.as_ref().ok().map(|r| r.profile.to_string());
     let (result, common) = match route {
         Err(e) => (Err(e), None),
         Ok(route)
@@ -535,7 +664,22 @@ async fn deliver_one(
         }
     };
     let duration_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
-    outcome_row(msg, &connector, result, common.as_ref(), duration_ms)
+    let too_fast = match &result {
+        Err(DeliveryError::Retry {
+            too_fast: true,
+            retry_after,
+            ..
+        }) => Some(*retry_after),
+        _ => None,
+    };
+    let mut row = outcome_row(msg, &connector, result, common.as_ref(), duration_ms);
+    row.profile = profile;
+    // A 429 without a block time holds the profile until this message's own retry.
+    let too_fast = too_fast.map(|after| {
+        after
+            .unwrap_or_else(|| Duration::from_millis(row.retry_delay_ms.unwrap_or(0).max(0) as u64))
+    });
+    (row, too_fast)
 }
 
 /// Counts one attempt in the metrics and the per-profile status.
@@ -577,6 +721,7 @@ pub fn outcome_row(
         duration_ms,
         retry_delay_ms: None,
         reply: None,
+        profile: None,
     };
     match result {
         Ok(r) => {
@@ -951,31 +1096,34 @@ mod tests {
                 timeout: Duration::from_millis(50),
                 max_content_bytes: 10,
             },
+            profile: "test/misbehaving".into(),
+            rate_limits: Vec::new().into(),
+            fallback: None,
         })
     }
 
     #[tokio::test]
     async fn a_panicking_connector_is_a_failed_attempt() {
-        let row = deliver_one(&msg(1), route("panic")).await;
+        let row = deliver_one(&msg(1), route("panic")).await.0;
         assert_eq!(row.outcome, "retry");
         assert_eq!(row.error_code.as_deref(), Some("connector-panic"));
         assert!(row.error_text.unwrap().contains("boom"));
-        let last = deliver_one(&msg(2), route("panic")).await;
+        let last = deliver_one(&msg(2), route("panic")).await.0;
         assert_eq!(last.outcome, "failed", "max_attempts reached");
     }
 
     #[tokio::test]
     async fn a_delivery_past_the_profile_timeout_is_retried() {
-        let row = deliver_one(&msg(1), route("hang")).await;
+        let row = deliver_one(&msg(1), route("hang")).await.0;
         assert_eq!(row.outcome, "retry");
         assert_eq!(row.error_code.as_deref(), Some("timeout"));
         let d = row.retry_delay_ms.unwrap();
         assert!((8000..=12000).contains(&d), "10 s ± 20 %: {d}");
-        let ok = deliver_one(&msg(1), route("ok")).await;
+        let ok = deliver_one(&msg(1), route("ok")).await.0;
         assert_eq!((ok.outcome, ok.error_code), ("done", None));
         let mut big = msg(1);
         big.content = Some("x".repeat(11));
-        let row = deliver_one(&big, route("ok")).await;
+        let row = deliver_one(&big, route("ok")).await.0;
         assert_eq!(row.outcome, "failed");
         assert_eq!(row.error_code.as_deref(), Some("content-too-large"));
     }

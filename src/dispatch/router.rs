@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use crate::config::{ConfigError, ProfileCommon, ProfileContext, Profiles};
 use crate::connector::{Connector, DeliveryError, OutboxMessage};
+use crate::dispatch::fallback::Fallback;
+use crate::dispatch::ratelimit::RateWindow;
 
 /// The built-in route of an agent, if any.
 /// Each kind declares its agents in [`crate::connector::REGISTRY`].
@@ -23,6 +25,12 @@ pub fn builtin_route(agent_type: &str, agent: &str) -> Option<&'static str> {
 pub struct Route {
     pub connector: Arc<dyn Connector>,
     pub common: ProfileCommon,
+    /// `<kind>/<profile>`: the name of its rate windows and of its attempts.
+    pub profile: Arc<str>,
+    /// Its rate windows (empty: unlimited, no round trip).
+    pub rate_limits: Arc<[RateWindow]>,
+    /// Its fallback profiles, if any (checked to exist when the router is built).
+    pub fallback: Option<Arc<Fallback>>,
 }
 
 /// Every built connector, by kind and profile.
@@ -50,11 +58,32 @@ impl Router {
                         Route {
                             connector,
                             common: p.common.clone(),
+                            profile: format!("{kind}/{name}").into(),
+                            rate_limits: p.rate_limits.clone().into(),
+                            fallback: p.fallback.clone().map(Arc::new),
                         },
                     );
                 }
                 // The context names the real file, so the error already does.
                 Err(e) => errors.push(e),
+            }
+        }
+        for ((kind, name), p) in &profiles.map {
+            for f in p.fallback.iter().flat_map(|f| &f.profiles) {
+                let known = f.split_once('/').is_some_and(|(k, n)| {
+                    profiles.map.contains_key(&(k.to_string(), n.to_string()))
+                });
+                if !known || *f == format!("{kind}/{name}") {
+                    errors.push(ConfigError::new(
+                        &p.source,
+                        Some(format!("{name}.fallback")),
+                        if known {
+                            format!("\"{f}\" is this profile itself")
+                        } else {
+                            format!("\"{f}\" is not a configured profile (write \"<kind>/<profile>\" of a profile in [connectors])")
+                        },
+                    ));
+                }
             }
         }
         if !errors.is_empty() {
@@ -64,6 +93,12 @@ impl Router {
             routes: routes.clone(),
             by_kind,
         })
+    }
+
+    /// The route of profile `<kind>/<name>` (a fallback).
+    pub fn profile(&self, profile: &str) -> Option<&Route> {
+        let (kind, name) = profile.split_once('/')?;
+        self.by_kind.get(kind)?.get(name)
     }
 
     /// Every built connector, for health checks.

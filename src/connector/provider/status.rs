@@ -60,9 +60,15 @@ pub fn classify_status_with(
     let reason = format!("HTTP {}: {}", status.as_u16(), truncate(body, 256));
     if retryable_status(status) {
         let after = parse_retry_after(headers).or_else(|| body_retry_after.and_then(|f| f(body)));
-        DeliveryError::retry(code, reason)
+        let e = DeliveryError::retry(code, reason)
             .with_retry_after(after)
-            .with_status(status.as_u16())
+            .with_status(status.as_u16());
+        // 429 is the platform's "too fast" (RFC 6585 §4): the rate limiter holds the profile back.
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            e.marked_too_fast()
+        } else {
+            e
+        }
     } else {
         DeliveryError::permanent(code, reason).with_status(status.as_u16())
     }
@@ -129,6 +135,11 @@ mod tests {
             DeliveryError::retry("http-429", format!("HTTP 429: {body}"))
                 .with_retry_after(Some(Duration::from_secs(13)))
                 .with_status(429u16)
+                .marked_too_fast()
+        );
+        assert!(e.is_too_fast(), "429 is the platform's too fast");
+        assert!(
+            !classify_status(StatusCode::SERVICE_UNAVAILABLE, "", &HeaderMap::new()).is_too_fast()
         );
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("2"));
