@@ -129,6 +129,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     controls: Controls,
 ) -> Result<RunReport, RunError> {
+    if cfg.mode == crate::config::SourceMode::Apostol {
+        return crate::apostol::run(cfg, shutdown, controls).await;
+    }
     let router = Arc::new(ArcSwap::from_pointee(
         build_router(&cfg).map_err(RunError::Config)?,
     ));
@@ -473,8 +476,9 @@ fn render_template(
     }
 }
 
-/// Delivers one message and turns the result into the row to record.
-async fn deliver_one(
+/// Delivers one message and turns the result into the row to record (also the drop-in mode's
+/// delivery step, [`crate::apostol`]).
+pub(crate) async fn deliver_one(
     msg: &OutboxMessage,
     route: Result<router::Route, DeliveryError>,
 ) -> OutcomeRow {
