@@ -143,7 +143,8 @@ impl Session {
                         message = message.as_deref().unwrap_or(""),
                         "api.authorize: not authorized"
                     );
-                    tx.rollback().await?;
+                    // Nothing else ran; committing keeps whatever the platform records about it.
+                    tx.commit().await?;
                     return Ok(None);
                 }
                 let mut out = Vec::with_capacity(stmts.len());
