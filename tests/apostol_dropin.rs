@@ -149,6 +149,16 @@ async fn send_done_and_fail_repeat_done_through_notify_with_a_restart_in_the_mid
         .unwrap()
         .get(0);
     assert_eq!(unauthorized, 0);
+    // The database is not ours: nothing of outboxd's schema was created there.
+    let ours: i64 = app
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ours, 0);
 }
 
 #[tokio::test]
@@ -168,6 +178,9 @@ async fn the_poll_finds_what_no_notify_announced_and_an_expired_session_logs_in_
     let d = Daemon::start(cfg);
     wait_listening(&app, T).await;
 
+    // A message for an agent no connector handles (read by another part of the platform) is
+    // left alone, as MessageServer leaves it.
+    let notice = insert_prepared(&app, "notice.agent", "default", "", "{}").await;
     // Inserted straight into prepared: no NOTIFY, only the poll finds it.
     let first = insert_prepared(&app, "payment.agent", "default", "/a", "{}").await;
     platform::wait_state(&app, first, "submitted", T).await;
@@ -207,6 +220,10 @@ async fn the_poll_finds_what_no_notify_announced_and_an_expired_session_logs_in_
     assert_eq!(open_bots, 1);
     assert_eq!(rx.count(), 2);
     d.stop().await;
+    assert_eq!(platform::state(&app, notice).await, "prepared");
+    assert!(actions(&app, notice).await.is_empty());
+    let polls = calls(&app, "outbox").await;
+    assert!(polls >= 3, "polled {polls} times");
 }
 
 #[tokio::test]

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{Config, ProfileCommon};
-use crate::connector::{DeliveryError, OutboxMessage};
+use crate::connector::{codes, DeliveryError, OutboxMessage};
 use crate::db::{Db, OutcomeRow};
 use crate::dispatch::{build_router, deliver_one, router, Controls, Router, RunError, RunReport};
 use journal::Journal;
@@ -242,6 +242,9 @@ async fn scan(
         let Ok(id) = row.try_get::<_, Uuid>("id") else {
             continue;
         };
+        if !ours(&ctx.router.load(), &row) {
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             break;
         };
@@ -259,6 +262,24 @@ async fn scan(
         });
     }
     Ok(())
+}
+
+/// Whether a prepared message is this daemon's to send. As MessageServer, which handles only the
+/// agents it has a connector for: a message whose agent routes nowhere (`system.agent`,
+/// `notice.agent`…, read by other parts of the platform) or to a kind that is not configured is
+/// left prepared, untouched.
+fn ours(r: &Router, row: &Row) -> bool {
+    let (msg, _) = message(row, 1);
+    match r.resolve(&msg) {
+        Err(e)
+            if e.code() == codes::UNKNOWN_AGENT.code
+                || e.code() == codes::CONNECTOR_NOT_CONFIGURED.code =>
+        {
+            tracing::debug!(message_id = %msg.id, agent = %msg.agent, reason = e.reason(), "not ours: left prepared");
+            false
+        }
+        _ => true,
+    }
 }
 
 fn text(s: &str) -> Param {
@@ -315,10 +336,7 @@ fn route(
 ) -> (OutboxMessage, Result<router::Route, DeliveryError>) {
     let first = r.resolve(&msg).cloned();
     match first {
-        Err(e)
-            if e.code() == crate::connector::codes::UNKNOWN_PROFILE.code
-                && msg.profile.contains('@') =>
-        {
+        Err(e) if e.code() == codes::UNKNOWN_PROFILE.code && msg.profile.contains('@') => {
             let whole = msg.profile.clone();
             msg.profile = ini::profile_name("smtp", &whole, |_| false).to_string();
             let second = r.resolve(&msg).cloned();
