@@ -209,6 +209,28 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configuration_documents_every_key() {
+        let text = include_str!("../../conf/outboxd.toml");
+        let block = &text[text.find("# [apostol]").expect("an [apostol] example")..];
+        let mut documented: Vec<&str> = block
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ")?.split_once(" = ").map(|(k, _)| k))
+            .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        documented.sort_unstable();
+        documented.dedup();
+        let mut keys: Vec<&str> = ENV_KEYS
+            .iter()
+            .copied()
+            .filter(|k| *k != "client_secret")
+            .chain(["retry", "max_attempts", "timeout"])
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(documented, keys);
+        assert!(block.contains("client_secret (inline)"));
+    }
+
+    #[test]
     fn mistakes_name_the_key() {
         let e = parse("source = \"apostol\"\n", &[]).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("apostol"));
