@@ -89,6 +89,11 @@ pub async fn run(
         state_file = ?ap.state_file,
         "outboxd started in Apostol drop-in mode"
     );
+    if cfg.http_listen.is_some() || cfg.retention.enabled() {
+        tracing::warn!(
+            "http_listen and [retention] work on outboxd's own schema; not used in drop-in mode"
+        );
+    }
     let ctx = Arc::new(Ctx {
         session: Session::new(db, ap),
         journal,
