@@ -104,19 +104,18 @@ impl Session {
         what: &'static str,
         stmts: &[Stmt],
     ) -> Result<Vec<Vec<Row>>, BatchError> {
-        let mut fresh = false;
+        let mut refused: Option<String> = None;
         loop {
-            let bot = self.bot(fresh).await?;
+            let bot = self.bot(refused.as_deref()).await?;
             match self.try_batch(what, &bot, stmts).await? {
                 Some(rows) => return Ok(rows),
-                None if fresh => return Err(BatchError::Unauthorized(what.into())),
+                None if refused.is_some() => return Err(BatchError::Unauthorized(what.into())),
                 None => {
                     tracing::info!(
                         call = what,
                         "the bot session is no longer authorized; logging in again"
                     );
-                    self.current.lock().await.take();
-                    fresh = true;
+                    refused = Some(bot);
                 }
             }
         }
@@ -160,11 +159,12 @@ impl Session {
     }
 
     /// The bot session: the current one, or a fresh login when there is none, it is older than
-    /// `relogin_every`, or `fresh` asks for one.
-    async fn bot(&self, fresh: bool) -> Result<String, BatchError> {
+    /// `relogin_every`, or it is the one `authorize` just `refused` (batches that saw the same
+    /// refusal at once log in only once: the later ones find the new session).
+    async fn bot(&self, refused: Option<&str>) -> Result<String, BatchError> {
         let mut current = self.current.lock().await;
         if let Some(c) = current.as_ref() {
-            if !fresh && c.since.elapsed() < self.cfg.relogin_every {
+            if Some(c.bot.as_str()) != refused && c.since.elapsed() < self.cfg.relogin_every {
                 return Ok(c.bot.clone());
             }
         }
