@@ -295,3 +295,39 @@ async fn a_stop_hands_back_and_a_send_a_crash_interrupted_is_delivered_again() {
     d.stop().await;
     assert!(journal(&state_file).is_empty());
 }
+
+#[tokio::test]
+async fn two_daemons_never_send_the_same_message() {
+    let p = Platform::new().await;
+    let mut app = p.admin().await;
+    let rx = Receiver::start(Behaviour::Ok(r#"{"id":"x"}"#.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ini = message_server_ini(dir.path(), &rx.url);
+    let settings = common_settings(Duration::from_millis(50), Duration::from_secs(2));
+    let one = Daemon::start(p.config(Some(&ini), &dir.path().join("one.json"), settings.clone()));
+    let two = Daemon::start(p.config(Some(&ini), &dir.path().join("two.json"), settings));
+    wait_for(T, "both daemons listening", || async {
+        (listeners(&app).await == 2).then_some(())
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(
+            platform::send(
+                &mut app,
+                "payment.agent",
+                "default",
+                &format!("/m{i}"),
+                "{}",
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        platform::wait_state(&app, *id, "submitted", T).await;
+        assert_eq!(actions(&app, *id).await, ["submit", "send", "done"]);
+    }
+    let (a, b) = (one.stop().await, two.stop().await);
+    assert_eq!(a.delivered + b.delivered, 20);
+    assert_eq!(rx.count(), 20, "each message sent once");
+}
