@@ -270,6 +270,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             "info"
         },
     );
+    // Drop-in mode: the database is Apostol's; only the daemon and check-config know how to
+    // talk to it (through its api functions). The other commands work on outboxd's schema.
+    if cfg.mode == outboxd::config::SourceMode::Apostol
+        && !matches!(
+            cli.command,
+            Command::Run { demo: false } | Command::CheckConfig
+        )
+    {
+        anyhow::bail!(
+            "source = \"apostol\": the database is an Apostol database outboxd does not own; \
+             only `run` and `check-config` work in drop-in mode (use the platform's api functions)"
+        );
+    }
     match cli.command {
         Command::Run { demo } => {
             let controls = outboxd::Controls {

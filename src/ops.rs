@@ -337,7 +337,11 @@ impl std::fmt::Display for CheckReport {
 /// main file's ([`crate::config::Config::check_timing`]); sends nothing.
 pub async fn check_config(cfg: &crate::config::Config) -> CheckReport {
     let mut report = CheckReport::default();
-    let timing = cfg.check_timing(&cfg.load_profiles().0);
+    // Leases exist only in outboxd's own schema; the drop-in mode has none to outlive.
+    let timing = match cfg.mode {
+        crate::config::SourceMode::Outboxd => cfg.check_timing(&cfg.load_profiles().0),
+        crate::config::SourceMode::Apostol => Vec::new(),
+    };
     match crate::dispatch::build_router(cfg) {
         Err(errors) => report.problems = errors.iter().map(|e| e.to_string()).collect(),
         Ok(router) => {

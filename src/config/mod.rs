@@ -29,6 +29,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whose database the daemon serves (`source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceMode {
+    /// outboxd's own schema (migrated by the daemon): the claim loop of [`crate::dispatch`].
+    #[default]
+    Outboxd,
+    /// An existing Apostol db-platform database, served through its `api` functions as
+    /// MessageServer does (see [`crate::apostol`]); no migration runs there.
+    Apostol,
+}
+
 /// The main file, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +64,8 @@ struct MainFile {
     http_max_body_bytes: Option<usize>,
     api_token_file: Option<PathBuf>,
     retention: Option<RetentionFile>,
+    source: Option<SourceMode>,
+    apostol: Option<crate::apostol::config::ApostolFile>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -152,6 +166,10 @@ pub struct Config {
     pub connectors: BTreeMap<String, PathBuf>,
     /// Agent code → connector kind, on top of the built-in routes.
     pub routes: BTreeMap<String, String>,
+    /// Whose database `database_url` points at (`source`, default outboxd).
+    pub mode: SourceMode,
+    /// `[apostol]`: the drop-in mode's settings (present when `mode` is Apostol).
+    pub apostol: Option<crate::apostol::config::ApostolConfig>,
     /// The main file this came from, for messages.
     pub source: String,
 }
@@ -181,6 +199,8 @@ impl Default for Config {
             retention: Retention::default(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
+            mode: SourceMode::Outboxd,
+            apostol: None,
             source: "(defaults)".into(),
         }
     }
@@ -206,6 +226,7 @@ const ENV_KEYS: &[&str] = &[
     "http_listen",
     "http_max_body_bytes",
     "api_token_file",
+    "source",
 ];
 
 impl Config {
@@ -242,9 +263,29 @@ impl Config {
                 table.insert(key.to_string(), env_value(&v));
             }
         }
+        crate::apostol::config::apply_env(&mut table, &env);
         let main: MainFile =
             deserialize_table(table).map_err(|(key, msg)| ConfigError::new(&file, key, msg))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let mode = main.source.unwrap_or_default();
+        let apostol = match (mode, main.apostol) {
+            (SourceMode::Apostol, Some(a)) => Some(a.resolve(&file, base)?),
+            (SourceMode::Apostol, None) => {
+                return Err(ConfigError::new(
+                    &file,
+                    Some("apostol".into()),
+                    "source = \"apostol\" needs an [apostol] table (client_id, client_secret…)",
+                ))
+            }
+            (SourceMode::Outboxd, Some(_)) => {
+                return Err(ConfigError::new(
+                    &file,
+                    Some("apostol".into()),
+                    "[apostol] is read only with source = \"apostol\"",
+                ))
+            }
+            (SourceMode::Outboxd, None) => None,
+        };
         let d = Config::default();
         let http_listen = match &main.http_listen {
             None => None,
@@ -302,6 +343,8 @@ impl Config {
                 .map(|(k, p)| (k, if p.is_absolute() { p } else { base.join(p) }))
                 .collect(),
             routes: main.routes,
+            mode,
+            apostol,
             source: file.clone(),
         };
         cfg.validate()?;
@@ -504,6 +547,22 @@ impl Config {
             errors.append(&mut e);
             for (name, p) in list {
                 profiles.map.insert((kind.clone(), name), p);
+            }
+        }
+        // Drop-in mode: MessageServer's own profile files, as an alternative to [connectors].
+        if let Some(a) = self.apostol.as_ref().filter(|a| a.message_server.is_some()) {
+            let (list, mut e) = crate::apostol::ini::load_profiles(a, &self.connectors);
+            errors.append(&mut e);
+            for ((kind, name), p) in list {
+                if profiles.map.contains_key(&(kind.clone(), name.clone())) {
+                    errors.push(ConfigError::new(
+                        &p.source,
+                        Some(name.clone()),
+                        format!("profile {name} of kind {kind} is also defined in [connectors]"),
+                    ));
+                    continue;
+                }
+                profiles.map.insert((kind, name), p);
             }
         }
         (profiles, errors)

@@ -142,6 +142,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     controls: Controls,
 ) -> Result<RunReport, RunError> {
+    if cfg.mode == crate::config::SourceMode::Apostol {
+        return crate::apostol::run(cfg, shutdown, controls).await;
+    }
     let router = Arc::new(ArcSwap::from_pointee(
         build_router(&cfg).map_err(RunError::Config)?,
     ));
@@ -604,8 +607,9 @@ impl crate::connector::Connector for Unavailable {
 }
 
 /// Delivers one message and turns the result into the row to record; also says for how long the
-/// platform asked the profile to stop when it answered "too fast".
-async fn deliver_one(
+/// platform asked the profile to stop when it answered "too fast" (also the drop-in mode's
+/// delivery step, [`crate::apostol`]).
+pub(crate) async fn deliver_one(
     msg: &OutboxMessage,
     route: Result<router::Route, DeliveryError>,
 ) -> (OutcomeRow, Option<Duration>) {
