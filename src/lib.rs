@@ -3,7 +3,7 @@
 //! Module map (the data path): [`config`] (files, env, validation, redaction) → [`db`] (pool,
 //! listener, migrations, outbox queries) → [`dispatch`] (claim loop, routing, retry schedule, lease
 //! heartbeat) → [`render`] (templated messages rendered before delivery) → [`connector`] (the trait and one
-//! file per connector). [`ops`] holds the operator
+//! file per connector). [`schedule`] runs scheduled send tasks. [`ops`] holds the operator
 //! commands, [`server`] the HTTP server (health, status, metrics, REST enqueue), [`metrics`] the
 //! Prometheus names, [`telemetry`] the logging setup, [`shutdown`] the signals, [`systemd`] the notify protocol.
 #![forbid(unsafe_code)]
@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod metrics;
 pub mod ops;
 pub mod render;
+pub mod schedule;
 pub mod server;
 pub mod settings;
 pub mod shutdown;

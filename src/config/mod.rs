@@ -52,6 +52,7 @@ struct MainFile {
     http_max_body_bytes: Option<usize>,
     api_token_file: Option<PathBuf>,
     retention: Option<RetentionFile>,
+    tasks: Option<crate::schedule::TasksConfig>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -148,6 +149,8 @@ pub struct Config {
     pub api_tokens: Vec<Secret>,
     /// What the daemon deletes, and when.
     pub retention: Retention,
+    /// The task scheduler (`[tasks]`).
+    pub tasks: crate::schedule::TasksConfig,
     /// Connector kind → its `.conf` file.
     pub connectors: BTreeMap<String, PathBuf>,
     /// Agent code → connector kind, on top of the built-in routes.
@@ -179,6 +182,7 @@ impl Default for Config {
             http_max_body_bytes: 1 << 20,
             api_tokens: Vec::new(),
             retention: Retention::default(),
+            tasks: Default::default(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
             source: "(defaults)".into(),
@@ -296,6 +300,7 @@ impl Config {
                     every: r.every.map_or(d.retention.every, |x| x.0),
                 },
             },
+            tasks: main.tasks.unwrap_or_default(),
             connectors: main
                 .connectors
                 .into_iter()
@@ -421,6 +426,9 @@ impl Config {
                     "must not be longer than retention.delete_after (the message would be gone first)",
                 );
             }
+        }
+        if let Err((key, msg)) = self.tasks.check() {
+            return err(key, msg);
         }
         for kind in self.connectors.keys() {
             if crate::connector::kind(kind).is_none() {
