@@ -205,8 +205,16 @@ pub async fn run(
         background_stop.clone(),
     ));
     if cfg.tasks.enabled {
+        // A pool of its own (opened lazily): a long fan-out never takes the claim loop's
+        // connections.
+        let db = Db::connect(
+            cfg.database_url.expose(),
+            crate::schedule::POOL_SIZE,
+            cfg.db_timeout,
+            None,
+        )?;
         let scheduler = crate::schedule::Scheduler::new(
-            shared.db.clone(),
+            db,
             controls.clock.clone(),
             cfg.tasks.clone(),
             read_base,

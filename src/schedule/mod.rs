@@ -111,10 +111,14 @@ pub struct Tick {
     pub enqueued: u64,
 }
 
+/// Connections of the scheduler's own pool: one for scheduling or a batch, one spare.
+pub const POOL_SIZE: usize = 2;
+
 /// Tasks locked per scheduling transaction.
 const SCHEDULE_BATCH: i32 = 100;
 
-/// One scheduler (the daemon runs one; tests may run several on one database).
+/// One scheduler (the daemon runs one, on a pool of its own of [`POOL_SIZE`]; tests may run
+/// several on one database).
 pub struct Scheduler {
     db: Db,
     clock: Clock,
