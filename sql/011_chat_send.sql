@@ -18,7 +18,7 @@
 --   api.send_telegram(pProfile, pChatId, pText, pParseMode, pDisableNotification, …)
 --       content {"text", "parse_mode", "disable_notification"}, address = the chat id.
 --
--- Arguments that cannot make a message raise ERR-400-060 (SQLSTATE 22023, invalid_parameter_value)
+-- Arguments that cannot make a message raise ERR-400-070 (SQLSTATE 22023, invalid_parameter_value)
 -- before anything is written; the connectors check the rest when they deliver (bad-content).
 -- Absent optional arguments are left out of the JSON, so the profile's defaults apply.
 --
@@ -42,11 +42,11 @@ DECLARE
     v_content jsonb := '{}';
 BEGIN
     IF coalesce(pText, '') = '' AND pBlocks IS NULL THEN
-        RAISE EXCEPTION 'ERR-400-060: a Slack message needs pText or pBlocks'
+        RAISE EXCEPTION 'ERR-400-070: a Slack message needs pText or pBlocks'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF pBlocks IS NOT NULL AND jsonb_typeof(pBlocks) <> 'array' THEN
-        RAISE EXCEPTION 'ERR-400-060: pBlocks must be a JSON array of blocks'
+        RAISE EXCEPTION 'ERR-400-070: pBlocks must be a JSON array of blocks'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- With blocks, text is the notification's fallback.
@@ -79,11 +79,11 @@ DECLARE
     v_content jsonb;
 BEGIN
     IF num_nonnulls(nullif(pText, ''), pPost, pCard) <> 1 THEN
-        RAISE EXCEPTION 'ERR-400-060: a Feishu message is one of pText, pPost or pCard'
+        RAISE EXCEPTION 'ERR-400-070: a Feishu message is one of pText, pPost or pCard'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF jsonb_typeof(coalesce(pPost, pCard, '{}')) <> 'object' THEN
-        RAISE EXCEPTION 'ERR-400-060: pPost and pCard must be JSON objects'
+        RAISE EXCEPTION 'ERR-400-070: pPost and pCard must be JSON objects'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_content := CASE
@@ -114,11 +114,11 @@ DECLARE
     v_content jsonb;
 BEGIN
     IF coalesce(pChatId, '') = '' OR coalesce(pText, '') = '' THEN
-        RAISE EXCEPTION 'ERR-400-060: a Telegram message needs pChatId and pText'
+        RAISE EXCEPTION 'ERR-400-070: a Telegram message needs pChatId and pText'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF pParseMode IS NOT NULL AND pParseMode NOT IN ('MarkdownV2', 'HTML', 'Markdown') THEN
-        RAISE EXCEPTION 'ERR-400-060: pParseMode must be MarkdownV2, HTML or Markdown, not "%"',
+        RAISE EXCEPTION 'ERR-400-070: pParseMode must be MarkdownV2, HTML or Markdown, not "%"',
             pParseMode USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_content := jsonb_build_object('text', pText);

@@ -133,6 +133,9 @@ enum Command {
     /// DingTalk app tools (profiles of the dingtalk connector).
     #[command(subcommand)]
     Dingtalk(DingtalkCommand),
+    /// Manage scheduled and recurring send tasks (stored in the database; run by the daemon).
+    #[command(subcommand)]
+    Task(TaskCommand),
     /// Render a template (a NAME in the database, or a FILE) with variables, as the daemon would.
     /// Prints `Subject: …`, a blank line and the body; with --out, writes the body there and
     /// prints only the subject line.
@@ -212,6 +215,86 @@ enum TemplateCommand {
         #[arg(long)]
         version: Option<i32>,
     },
+}
+
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Create a task (api.add_task); the schedule and zone are checked before saving.
+    Add {
+        name: String,
+        /// The cover template: what each recipient gets, rendered for the channel.
+        #[arg(long)]
+        cover: String,
+        /// The body template: the page behind the cover's {{ read_url }}.
+        #[arg(long)]
+        body: Option<String>,
+        /// "once 2026-12-24 18:00", "hourly 45", "daily 09:30", "cron 0 9 * * MON-FRI" or "manual".
+        #[arg(long)]
+        schedule: String,
+        /// IANA time zone of the schedule's local times.
+        #[arg(long, default_value = "UTC")]
+        zone: String,
+        /// A JSON file: an array of addresses or {"address": …, "vars": {…}} objects.
+        #[arg(long, conflicts_with = "source", required_unless_present = "source")]
+        recipients: Option<PathBuf>,
+        /// A table or view with a column `address` (and `vars`, or other columns as variables).
+        #[arg(long)]
+        source: Option<String>,
+        /// A JSON file with the variables every recipient shares.
+        #[arg(long)]
+        vars: Option<PathBuf>,
+        /// Agent (code or id); default: the cover template's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Profile; default: the cover template's, else "default".
+        #[arg(long)]
+        profile: Option<String>,
+        /// Run at most this many times (a once task: 1).
+        #[arg(long)]
+        max_runs: Option<i32>,
+        /// Not before this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        start: Option<chrono::DateTime<chrono::Utc>>,
+        /// Not after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        end: Option<chrono::DateTime<chrono::Utc>>,
+        /// After downtime: run once for the missed due times ("once") or not at all ("skip").
+        #[arg(long, default_value = "once")]
+        catch_up: String,
+        /// Create it paused.
+        #[arg(long)]
+        paused: bool,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List tasks: name, state, schedule, zone, next run, runs/maximum.
+    List,
+    /// Show a task, its executions' progress, and one execution's recipients not sent (and why).
+    Show {
+        /// The task's name or id.
+        task: String,
+        /// The execution (run number; default the newest).
+        #[arg(long)]
+        run: Option<i32>,
+    },
+    /// Start one execution now (api.run_task); prints its run id.
+    Run { task: String },
+    /// Stop scheduling a task.
+    Pause { task: String },
+    /// Schedule a paused task again, from now on.
+    Resume { task: String },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| format!("\"{s}\" is not an RFC 3339 time"))
+}
+
+fn read_json(p: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(&read_file(p)?).with_context(|| format!("{} is not JSON", p.display()))
 }
 
 fn parse_kind(s: &str) -> Result<outboxd::render::Kind, String> {
@@ -359,6 +442,60 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!();
                     print!("{}", t.body);
                 }
+            }
+        }
+        Command::Task(t) => {
+            use outboxd::schedule::store;
+            let client = connect(&cfg).await?;
+            match t {
+                TaskCommand::Add {
+                    name,
+                    cover,
+                    body,
+                    schedule,
+                    zone,
+                    recipients,
+                    source,
+                    vars,
+                    agent,
+                    profile,
+                    max_runs,
+                    start,
+                    end,
+                    catch_up,
+                    paused,
+                    description,
+                } => {
+                    let t = store::NewTask {
+                        name,
+                        cover,
+                        body,
+                        schedule,
+                        time_zone: zone,
+                        recipients: recipients.as_deref().map(read_json).transpose()?,
+                        source,
+                        vars: match vars {
+                            Some(p) => read_json(&p)?,
+                            None => serde_json::json!({}),
+                        },
+                        agent,
+                        profile,
+                        max_runs,
+                        start_at: start,
+                        end_at: end,
+                        enabled: !paused,
+                        catch_up,
+                        description,
+                    };
+                    println!("{}", store::add(&client, &t).await?);
+                }
+                TaskCommand::List => print!("{}", store::list(&client).await?),
+                TaskCommand::Show { task, run } => {
+                    print!("{}", store::show(&client, &task, run).await?)
+                }
+                TaskCommand::Run { task } => println!("{}", store::run(&client, &task).await?),
+                TaskCommand::Pause { task } => store::pause(&client, &task).await?,
+                TaskCommand::Resume { task } => store::resume(&client, &task).await?,
             }
         }
         Command::Render {

@@ -821,6 +821,6 @@ async fn the_sql_wrappers_build_the_contents_and_refuse_what_cannot_be_sent() {
         let e = one(bad).await.unwrap_err();
         assert_eq!(sqlstate(&e), "22023", "{bad}: {e}");
         let msg = e.as_db_error().unwrap().message();
-        assert!(msg.starts_with("ERR-400-060: "), "{bad}: {msg}");
+        assert!(msg.starts_with("ERR-400-070: "), "{bad}: {msg}");
     }
 }

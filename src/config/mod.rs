@@ -66,6 +66,7 @@ struct MainFile {
     retention: Option<RetentionFile>,
     source: Option<SourceMode>,
     apostol: Option<crate::apostol::config::ApostolFile>,
+    tasks: Option<crate::schedule::TasksConfig>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -162,6 +163,8 @@ pub struct Config {
     pub api_tokens: Vec<Secret>,
     /// What the daemon deletes, and when.
     pub retention: Retention,
+    /// The task scheduler (`[tasks]`).
+    pub tasks: crate::schedule::TasksConfig,
     /// Connector kind → its `.conf` file.
     pub connectors: BTreeMap<String, PathBuf>,
     /// Agent code → connector kind, on top of the built-in routes.
@@ -197,6 +200,7 @@ impl Default for Config {
             http_max_body_bytes: 1 << 20,
             api_tokens: Vec::new(),
             retention: Retention::default(),
+            tasks: Default::default(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
             mode: SourceMode::Outboxd,
@@ -337,6 +341,7 @@ impl Config {
                     every: r.every.map_or(d.retention.every, |x| x.0),
                 },
             },
+            tasks: main.tasks.unwrap_or_default(),
             connectors: main
                 .connectors
                 .into_iter()
@@ -464,6 +469,9 @@ impl Config {
                     "must not be longer than retention.delete_after (the message would be gone first)",
                 );
             }
+        }
+        if let Err((key, msg)) = self.tasks.check() {
+            return err(key, msg);
         }
         for kind in self.connectors.keys() {
             if crate::connector::kind(kind).is_none() {

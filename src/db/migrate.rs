@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rate_limits",
         include_str!("../../sql/013_rate_limits.sql"),
     ),
+    (15, "tasks", include_str!("../../sql/015_tasks.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"

@@ -87,6 +87,8 @@ pub struct Controls {
     pub http_addr: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
     /// systemd's notify socket (disabled unless the binary found `NOTIFY_SOCKET`).
     pub notifier: crate::systemd::Notifier,
+    /// The task scheduler's clock (the system clock unless a test sets a manual one).
+    pub clock: crate::schedule::Clock,
 }
 
 /// A short, unique name for this daemon: host-pid-random.
@@ -192,12 +194,14 @@ pub async fn run(
         controls.stats.clone(),
         background_stop.clone(),
     ));
+    let mut read_base = cfg.tasks.read_base_url.clone();
     if let Some(addr) = cfg.http_listen {
         let listener = crate::server::bind(addr)
             .await
             .map_err(|e| RunError::Listen(addr, e))?;
         if let Ok(bound) = listener.local_addr() {
             let _ = controls.http_addr.set(bound);
+            read_base.get_or_insert_with(|| format!("http://{bound}/m/"));
         }
         let state = Arc::new(crate::server::AppState::new(
             shared.db.clone(),
@@ -217,6 +221,24 @@ pub async fn run(
         cfg.lease,
         background_stop.clone(),
     ));
+    if cfg.tasks.enabled {
+        // A pool of its own (opened lazily): a long fan-out never takes the claim loop's
+        // connections.
+        let db = Db::connect(
+            cfg.database_url.expose(),
+            crate::schedule::POOL_SIZE,
+            cfg.db_timeout,
+            None,
+        )?;
+        let scheduler = crate::schedule::Scheduler::new(
+            db,
+            controls.clock.clone(),
+            cfg.tasks.clone(),
+            read_base,
+            shared.worker.clone(),
+        );
+        background.spawn(scheduler.run(background_stop.clone()));
+    }
     if cfg.retention.enabled() {
         background.spawn(retention::run(
             shared.db.clone(),

@@ -11,6 +11,8 @@
 pub mod api;
 pub mod envelope;
 pub mod openapi;
+pub mod read;
+pub mod task_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -87,6 +89,8 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/sys/status", get(status))
         .route("/metrics", get(metrics))
         .merge(api::routes())
+        .merge(task_api::routes())
+        .merge(read::routes())
         .fallback(envelope::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(bounded_in_time))

@@ -24,7 +24,7 @@ pub fn document() -> Value {
         }
     });
     let failure = |what: &str| json!({"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}});
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "outboxd REST API",
@@ -82,5 +82,7 @@ pub fn document() -> Value {
                 }
             }
         }
-    })
+    });
+    doc["paths"]["/api/v1/task/{id}/run"] = super::task_api::openapi_path();
+    doc
 }
