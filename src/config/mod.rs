@@ -52,6 +52,7 @@ struct MainFile {
     http_max_body_bytes: Option<usize>,
     api_token_file: Option<PathBuf>,
     retention: Option<RetentionFile>,
+    cards: Option<crate::render::fonts::CardsConfig>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -148,6 +149,8 @@ pub struct Config {
     pub api_tokens: Vec<Secret>,
     /// What the daemon deletes, and when.
     pub retention: Retention,
+    /// Picture cards: fonts (parsed once at start), the fallback list, the backgrounds directory.
+    pub cards: crate::render::fonts::CardsConfig,
     /// Connector kind → its `.conf` file.
     pub connectors: BTreeMap<String, PathBuf>,
     /// Agent code → connector kind, on top of the built-in routes.
@@ -179,6 +182,7 @@ impl Default for Config {
             http_max_body_bytes: 1 << 20,
             api_tokens: Vec::new(),
             retention: Retention::default(),
+            cards: Default::default(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
             source: "(defaults)".into(),
@@ -296,6 +300,7 @@ impl Config {
                     every: r.every.map_or(d.retention.every, |x| x.0),
                 },
             },
+            cards: main.cards.unwrap_or_default().resolve(base),
             connectors: main
                 .connectors
                 .into_iter()

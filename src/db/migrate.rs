@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "chat_agents",
         include_str!("../../sql/008_chat_agents.sql"),
     ),
+    (14, "cards", include_str!("../../sql/014_cards.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
