@@ -512,6 +512,16 @@ fn break_lines(
     lines
 }
 
+/// The lines box `b` shows for `text` (after wrapping, `max_lines` and the ellipsis), as strings:
+/// what [`Cards::render`] draws, for tests and previews.
+pub fn layout(fonts: &Fonts, b: &TextBox, text: &str) -> Result<Vec<String>, String> {
+    Ok(lay_out(fonts, b, text)?
+        .1
+        .iter()
+        .map(|l| l.iter().map(|p| p.ch).collect())
+        .collect())
+}
+
 /// Cuts `line` so that it and the ellipsis fit in `max_w`, then appends the ellipsis.
 fn ellipsize(
     fonts: &Fonts,
@@ -532,8 +542,8 @@ fn ellipsize(
     line
 }
 
-/// Lays out and draws one box's text, clipped to the box.
-fn draw_box(fonts: &Fonts, canvas: &mut RgbImage, b: &TextBox, text: &str) -> Result<(), String> {
+/// The box's font and its lines.
+fn lay_out(fonts: &Fonts, b: &TextBox, text: &str) -> Result<(usize, Vec<Line>), String> {
     let primary = fonts
         .index(b.font.as_deref())
         .ok_or_else(|| match &b.font {
@@ -559,6 +569,15 @@ fn draw_box(fonts: &Fonts, canvas: &mut RgbImage, b: &TextBox, text: &str) -> Re
             *l = ellipsize(fonts, primary, cut, ellipsis, px, max_w);
         }
     }
+    Ok((primary, lines))
+}
+
+/// Lays out and draws one box's text, clipped to the box.
+fn draw_box(fonts: &Fonts, canvas: &mut RgbImage, b: &TextBox, text: &str) -> Result<(), String> {
+    let (primary, lines) = lay_out(fonts, b, text)?;
+    let px = b.size;
+    let pitch = px * b.line_height.unwrap_or(1.25);
+    let max_w = b.width as f32;
     let color = parse_color(b.color.as_deref().unwrap_or("#000000"))?;
     let (ascent, descent) = fonts
         .face(primary)
