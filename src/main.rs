@@ -150,6 +150,10 @@ enum Command {
         /// Write the rendered body to this file (a picture card: the PNG; required).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A picture card: render it this many times more on this thread and print cards/s
+        /// (the benchmark of bench/cards).
+        #[arg(long, default_value_t = 0)]
+        repeat: u32,
     },
 }
 
@@ -322,6 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kind,
             subject,
             out,
+            repeat,
         } => {
             let vars: serde_json::Value = match vars {
                 Some(p) => serde_json::from_str(&read_file(&p)?)
@@ -374,6 +379,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
                 std::fs::write(&out, &image.bytes)
                     .with_context(|| format!("cannot write {}", out.display()))?;
+                if repeat > 0 {
+                    let started = std::time::Instant::now();
+                    for _ in 0..repeat {
+                        cards
+                            .render(&source, &vars, None)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                    let s = started.elapsed().as_secs_f64();
+                    println!(
+                        "rendered {repeat} cards in {s:.3}s: {:.1} cards/s",
+                        repeat as f64 / s
+                    );
+                }
                 println!(
                     "{}: {}x{} PNG, {} bytes",
                     out.display(),

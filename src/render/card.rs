@@ -674,7 +674,7 @@ mod tests {
                 "does not fit",
             ),
             (
-                r#"{"width": 10, "height": 10, "background": {"image": "http://x"}}"#,
+                r#"{"width": 10, "height": 10, "background": {"image": "http:x"}}"#,
                 "db:NAME or file:NAME",
             ),
             (
