@@ -146,15 +146,20 @@ enum Command {
         /// A JSON object of variables (default: none).
         #[arg(long)]
         vars: Option<PathBuf>,
-        /// The kind of a template file (default: from its extension: .html, .md, .json, else text).
+        /// The kind of a template file (default: from its extension: .card.json is image, .html,
+        /// .md, .json, else text).
         #[arg(long, value_parser = parse_kind)]
         kind: Option<outboxd::render::Kind>,
         /// The subject template of a template file.
         #[arg(long)]
         subject: Option<String>,
-        /// Write the rendered body to this file.
+        /// Write the rendered body to this file (a picture card: the PNG; required).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A picture card: render it this many times more on this thread and print cards/s
+        /// (the benchmark of bench/cards).
+        #[arg(long, default_value_t = 0)]
+        repeat: u32,
     },
 }
 
@@ -183,7 +188,8 @@ enum TemplateCommand {
         name: String,
         #[arg(long)]
         file: PathBuf,
-        /// text, html, markdown or json (default: from the file's extension).
+        /// text, html, markdown, json or image (default: from the file's extension; .card.json
+        /// is image).
         #[arg(long, value_parser = parse_kind)]
         kind: Option<outboxd::render::Kind>,
         /// Subject template (e-mail).
@@ -299,7 +305,7 @@ fn read_json(p: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 
 fn parse_kind(s: &str) -> Result<outboxd::render::Kind, String> {
     outboxd::render::Kind::parse(s)
-        .map_err(|_| format!("\"{s}\" is not one of text, html, markdown, json"))
+        .map_err(|_| format!("\"{s}\" is not one of text, html, markdown, json, image"))
 }
 
 fn read_file(p: &std::path::Path) -> anyhow::Result<String> {
@@ -504,6 +510,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kind,
             subject,
             out,
+            repeat,
         } => {
             let vars: serde_json::Value = match vars {
                 Some(p) => serde_json::from_str(&read_file(&p)?)
@@ -529,6 +536,56 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outboxd::render::store::preview_source(&connect(&cfg).await?, &template, &vars)
                     .await?
             };
+            if source.kind == "image" {
+                // A picture card: the fonts of [cards], parsed once for this preview.
+                let out = out.context("a picture card needs --out FILE.png")?;
+                let fonts = outboxd::render::fonts::Fonts::load(&cfg.cards)?;
+                let dir = outboxd::render::card::preview_dir(
+                    cfg.cards.backgrounds.as_deref(),
+                    path.is_file().then_some(path),
+                );
+                let cards = outboxd::render::card::Cards::new(Arc::new(fonts), dir);
+                let spec = outboxd::render::card::CardSpec::parse(&source.name, &source.body)
+                    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+                let background = match spec.background_ref() {
+                    Ok(Some(outboxd::render::card::BackgroundRef::Db(n))) => connect(&cfg)
+                        .await?
+                        .query_opt(
+                            "SELECT bytes FROM outbox.card_backgrounds WHERE name = $1",
+                            &[&n],
+                        )
+                        .await?
+                        .map(|r| r.get(0)),
+                    _ => None,
+                };
+                let (alt, image) = cards
+                    .render(&source, &vars, background)
+                    .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+                std::fs::write(&out, &image.bytes)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                if repeat > 0 {
+                    let started = std::time::Instant::now();
+                    for _ in 0..repeat {
+                        cards
+                            .render(&source, &vars, None)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                    let s = started.elapsed().as_secs_f64();
+                    println!(
+                        "rendered {repeat} cards in {s:.3}s: {:.1} cards/s",
+                        repeat as f64 / s
+                    );
+                }
+                println!(
+                    "{}: {}x{} PNG, {} bytes",
+                    out.display(),
+                    image.width,
+                    image.height,
+                    image.bytes.len()
+                );
+                println!("{alt}");
+                return Ok(ExitCode::SUCCESS);
+            }
             let job = outboxd::render::Job {
                 template: source,
                 vars,

@@ -583,6 +583,7 @@ fn message(row: &Row, attempt: i32) -> (OutboxMessage, Option<Uuid>) {
             _ => 0,
         },
         created,
+        images: Vec::new(),
     };
     (msg, row.try_get::<_, Option<Uuid>>("agent").ok().flatten())
 }

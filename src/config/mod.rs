@@ -67,6 +67,7 @@ struct MainFile {
     source: Option<SourceMode>,
     apostol: Option<crate::apostol::config::ApostolFile>,
     tasks: Option<crate::schedule::TasksConfig>,
+    cards: Option<crate::render::fonts::CardsConfig>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
     #[serde(default)]
@@ -165,6 +166,8 @@ pub struct Config {
     pub retention: Retention,
     /// The task scheduler (`[tasks]`).
     pub tasks: crate::schedule::TasksConfig,
+    /// Picture cards: fonts (parsed once at start), the fallback list, the backgrounds directory.
+    pub cards: crate::render::fonts::CardsConfig,
     /// Connector kind → its `.conf` file.
     pub connectors: BTreeMap<String, PathBuf>,
     /// Agent code → connector kind, on top of the built-in routes.
@@ -201,6 +204,7 @@ impl Default for Config {
             api_tokens: Vec::new(),
             retention: Retention::default(),
             tasks: Default::default(),
+            cards: Default::default(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
             mode: SourceMode::Outboxd,
@@ -342,6 +346,7 @@ impl Config {
                 },
             },
             tasks: main.tasks.unwrap_or_default(),
+            cards: main.cards.unwrap_or_default().resolve(base),
             connectors: main
                 .connectors
                 .into_iter()

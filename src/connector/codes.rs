@@ -66,7 +66,7 @@ codes! {
     TEMPLATE_MISSING_VAR = "template-missing-var", Permanent, "a variable the template uses is missing; `error_text` names it";
     TEMPLATE_SYNTAX = "template-syntax", Permanent, "the stored template does not parse (saved with plain SQL), or uses an unknown filter";
     TEMPLATE_RENDER = "template-render", Permanent, "the template failed while rendering (a filter given the wrong type…)";
-    TEMPLATE_UNSUPPORTED = "template-unsupported", Permanent, "the template's kind has no renderer yet (`image`)";
+    TEMPLATE_UNSUPPORTED = "template-unsupported", Permanent, "the template's kind has no renderer";
     // Tokens (OAuth2, FCM, and the chat platforms' app tokens).
     TOKEN_FETCH = "token-fetch", Retry, "the token endpoint could not be reached or was unavailable";
     TOKEN_DENIED = "token-denied", Permanent, "the token endpoint refused the credential";
@@ -120,6 +120,10 @@ codes! {
     ALIYUN_BAD_RESPONSE = "aliyun-bad-response", Retry, "Aliyun answered something that is not its JSON (the SMS may have gone: the next attempt checks `QuerySendDetails` first)";
     // Rate limits (the dispatcher's).
     RATE_LIMIT_UNAVAILABLE = "rate-limit-unavailable", Retry, "the rate limiter's database call failed; the message was not sent";
+    // Picture cards (templates of kind image, rendered by the daemon before the connector).
+    CARD_SPEC = "card-spec", Permanent, "the picture card's spec is not valid, or names a font the daemon does not have";
+    CARD_BACKGROUND = "card-background", Permanent, "the picture card's background image is missing or does not decode";
+    CARD_STORE = "card-store", Retry, "the rendered picture could not be stored with the message";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

@@ -2,6 +2,10 @@
 //! `<id>.json` file in a spool directory). Needs no credentials; the default configuration and the
 //! demo route `file.agent` here.
 //!
+//! Pictures (a rendered card, [`OutboxMessage::images`]) are written next to the spool as
+//! `<message id>.<file name>` (`…/6f1c….card.png`) before the line, and the line's `images`
+//! names each file, so a line never points at a file that is not there.
+//!
 //! Invariant: a line is written with one `write` call on a file opened for appending, under a
 //! mutex, so lines of concurrent deliveries never interleave. The file stays open; a SIGHUP reload
 //! builds a new connector, which reopens it (rotate the spool, then HUP).
@@ -70,6 +74,53 @@ impl FileConnector {
         })
     }
 
+    /// The directory pictures go to: the spool file's, or the spool directory.
+    fn image_dir(&self) -> PathBuf {
+        match &self.target {
+            Target::Lines(p) => p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
+            Target::Directory(d) => d.clone(),
+        }
+    }
+
+    /// Writes the message's pictures (each to a temporary name, then renamed, so a file is
+    /// whole or absent) and returns what the line says about them.
+    async fn write_images(&self, msg: &OutboxMessage) -> Result<serde_json::Value, DeliveryError> {
+        let mut out = Vec::new();
+        if msg.images.is_empty() {
+            return Ok(serde_json::Value::Array(out));
+        }
+        let dir = self.image_dir();
+        if !dir.as_os_str().is_empty() {
+            tokio::fs::create_dir_all(&dir).await.map_err(io_error)?;
+        }
+        for img in &msg.images {
+            // The file name comes from a template: keep only a plain last component.
+            let name: String = img
+                .file_name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let path = dir.join(format!("{}.{}", msg.id, name.trim_start_matches('.')));
+            let tmp = path.with_extension("part");
+            tokio::fs::write(&tmp, &img.bytes).await.map_err(io_error)?;
+            tokio::fs::rename(&tmp, &path).await.map_err(io_error)?;
+            out.push(serde_json::json!({
+                "file": path,
+                "mime": img.mime,
+                "width": img.width,
+                "height": img.height,
+                "bytes": img.bytes.len(),
+            }));
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
     fn record(&self, msg: &OutboxMessage) -> Result<serde_json::Value, DeliveryError> {
         let content = match (&msg.content, self.content_json) {
             (Some(c), true) => serde_json::from_str(c).map_err(|e| {
@@ -106,7 +157,11 @@ impl Connector for FileConnector {
     }
 
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
-        let record = self.record(msg)?;
+        let mut record = self.record(msg)?;
+        let images = self.write_images(msg).await?;
+        if images.as_array().is_some_and(|a| !a.is_empty()) {
+            record["images"] = images;
+        }
         match &self.target {
             Target::Lines(path) => {
                 let mut line = serde_json::to_vec(&record).expect("json value serializes");

@@ -54,6 +54,22 @@ pub struct OutboxMessage {
     pub max_attempts: Option<i32>,
     pub priority: i32,
     pub created: chrono::DateTime<chrono::Utc>,
+    /// Pictures that go with the message: the rendered card of a template of kind `image`
+    /// (stored in `outbox.message_images`). Connectors that take images attach them; the others
+    /// ignore them. Empty for every other message.
+    pub images: Vec<std::sync::Arc<Image>>,
+}
+
+/// A picture attached to a message (a rendered card).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// The attachment's file name (`card.png`).
+    pub file_name: String,
+    /// `image/png`.
+    pub mime: String,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: bytes::Bytes,
 }
 
 impl OutboxMessage {

@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rate_limits",
         include_str!("../../sql/013_rate_limits.sql"),
     ),
+    (14, "cards", include_str!("../../sql/014_cards.sql")),
     (15, "tasks", include_str!("../../sql/015_tasks.sql")),
 ];
 

@@ -428,6 +428,7 @@ impl Db {
                     max_attempts: r.get(10),
                     priority: r.get(11),
                     created: r.get(12),
+                    images: Vec::new(),
                 })
                 .map(|m| (m, None))
                 .collect();

@@ -56,6 +56,8 @@ pub enum RunError {
     Config(Vec<ConfigError>),
     #[error("cannot listen on {0} (http_listen): {1}")]
     Listen(std::net::SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Fonts(#[from] crate::render::fonts::FontError),
 }
 
 /// What the daemon did, returned when it stops.
@@ -127,6 +129,8 @@ struct Flight {
 
 struct Shared {
     db: Db,
+    /// Picture cards: the fonts, parsed once at start, and decoded backgrounds.
+    cards: Arc<crate::render::card::Cards>,
     worker: String,
     inflight: Mutex<HashMap<ClaimKey, Flight>>,
     report: Mutex<RunReport>,
@@ -161,6 +165,15 @@ pub async fn run(
         Some(&cfg.synchronous_commit),
     )?;
     let worker = cfg.worker_id.clone().unwrap_or_else(default_worker_id);
+    // Fonts are parsed here, once: a CJK font takes a moment, which no card should pay.
+    let cards_cfg = cfg.cards.clone();
+    let fonts = tokio::task::spawn_blocking(move || crate::render::fonts::Fonts::load(&cards_cfg))
+        .await
+        .expect("font loading does not panic")?;
+    let cards = Arc::new(crate::render::card::Cards::new(
+        Arc::new(fonts),
+        cfg.cards.backgrounds.clone(),
+    ));
     tracing::info!(
         worker = %worker,
         database = %crate::config::redact_url(cfg.database_url.expose()),
@@ -171,6 +184,7 @@ pub async fn run(
     );
     let shared = Arc::new(Shared {
         db,
+        cards,
         worker,
         inflight: Mutex::new(HashMap::new()),
         report: Mutex::new(RunReport::default()),
@@ -390,7 +404,7 @@ pub async fn run(
                     let wake = wake.clone();
                     deliveries.spawn(async move {
                         let route = routes.resolve(&msg).cloned();
-                        let (msg, route) = render_template(msg, template, route);
+                        let (msg, route) = render_template(&shared, msg, template, route).await;
                         let route = route.map(|r| with_fallback(&routes, r, &msg, &shared.health));
                         let connector = route
                             .as_ref()
@@ -554,8 +568,10 @@ pub async fn run(
 /// A message built from a template gets its subject and content rendered here, before routing
 /// hands it to a connector; a render error takes the route's place, so it is recorded as the
 /// (permanent) outcome of this attempt and the connector is never called. Messages without a
-/// template pass through untouched.
-fn render_template(
+/// template pass through untouched. A picture card is rendered (or its stored picture read)
+/// here too, see [`crate::render::stage`].
+async fn render_template(
+    shared: &Shared,
     mut msg: OutboxMessage,
     template: Option<crate::render::Job>,
     route: Result<router::Route, DeliveryError>,
@@ -563,18 +579,17 @@ fn render_template(
     let Some(job) = template else {
         return (msg, route);
     };
-    match crate::render::render(&job) {
-        Ok(r) => {
-            if r.subject.is_some() {
-                msg.subject = r.subject;
-            }
-            msg.content = Some(r.content);
-            (msg, route)
-        }
+    if route.is_err() {
+        // Not routable: no use rendering (nor storing a picture) for it.
+        return (msg, route);
+    }
+    let (name, version) = (job.template.name.clone(), job.template.version);
+    match crate::render::stage::prepare(&shared.cards, &shared.db, &mut msg, job).await {
+        Ok(()) => (msg, route),
         Err(e) => {
-            tracing::error!(message_id = %msg.id, profile = %msg.profile, template = %job.template.name,
-                version = job.template.version, code = e.code(), error = %e, "template cannot be rendered");
-            (msg, Err(e.into()))
+            tracing::error!(message_id = %msg.id, profile = %msg.profile, template = %name,
+                version, code = e.code(), error = %e, "template cannot be rendered");
+            (msg, Err(e))
         }
     }
 }
@@ -1110,6 +1125,7 @@ mod tests {
             max_attempts: None,
             priority: 0,
             created: chrono::Utc::now(),
+            images: Vec::new(),
         }
     }
 

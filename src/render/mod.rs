@@ -11,8 +11,11 @@
 //! already built. A render error fails the message for good (it would fail the same way again):
 //! `template-missing-var` names the variable, `template-syntax` the place; text with an
 //! unresolved `{{ … }}` is never sent. Text kinds are here ([`text`]); picture cards (`image`)
-//! will be a sibling module.
+//! in [`card`], with the font registry ([`fonts`]) the daemon loads once at start.
 
+pub mod card;
+pub mod fonts;
+pub mod stage;
 pub mod store;
 pub mod text;
 
@@ -30,25 +33,31 @@ pub enum Kind {
     /// JSON (a body for the http connector): every printed value is serialized as JSON, so a
     /// string comes out quoted and escaped — write `"text": {{ name }}`, not `"{{ name }}"`.
     Json,
+    /// A picture card: the body is a card spec (JSON, see [`card`]), rendered to a PNG.
+    Image,
 }
 
 impl Kind {
-    /// Parses a stored kind; `image` and anything else are not text kinds.
+    /// Parses a stored kind.
     pub fn parse(s: &str) -> Result<Kind, RenderError> {
         match s {
             "text" => Ok(Kind::Text),
             "html" => Ok(Kind::Html),
             "markdown" => Ok(Kind::Markdown),
             "json" => Ok(Kind::Json),
+            "image" => Ok(Kind::Image),
             other => Err(RenderError::Unsupported(other.to_string())),
         }
     }
 
-    /// Guesses the kind of a template file from its extension (`.html`, `.md`, `.json`; else text).
+    /// Guesses the kind of a template file from its extension (`.card.json` is a picture card;
+    /// `.html`, `.md`, `.json`; else text).
     pub fn from_path(path: &std::path::Path) -> Kind {
         let name = path.to_string_lossy();
         let name = name.strip_suffix(".j2").unwrap_or(&name);
-        if name.ends_with(".html") || name.ends_with(".htm") {
+        if name.ends_with(".card.json") {
+            Kind::Image
+        } else if name.ends_with(".html") || name.ends_with(".htm") {
             Kind::Html
         } else if name.ends_with(".md") || name.ends_with(".markdown") {
             Kind::Markdown
@@ -65,6 +74,7 @@ impl Kind {
             Kind::Html => "html",
             Kind::Markdown => "markdown",
             Kind::Json => "json",
+            Kind::Image => "image",
         }
     }
 }
@@ -120,9 +130,15 @@ pub enum RenderError {
         part: &'static str,
         detail: String,
     },
-    /// A kind the text renderer does not handle (`image` cards are not built yet).
-    #[error("template kind `{0}` cannot be rendered as text")]
+    /// A kind no renderer handles.
+    #[error("template kind `{0}` cannot be rendered here")]
     Unsupported(String),
+    /// A picture card's spec is not valid, or names a font the daemon does not have.
+    #[error("template {template}: bad picture card: {detail}")]
+    Card { template: String, detail: String },
+    /// A picture card's background image is missing or does not decode.
+    #[error("template {template}: background: {detail}")]
+    Background { template: String, detail: String },
 }
 
 impl RenderError {
@@ -133,6 +149,8 @@ impl RenderError {
             RenderError::MissingVar { .. } => codes::TEMPLATE_MISSING_VAR.code,
             RenderError::Render { .. } => codes::TEMPLATE_RENDER.code,
             RenderError::Unsupported(_) => codes::TEMPLATE_UNSUPPORTED.code,
+            RenderError::Card { .. } => codes::CARD_SPEC.code,
+            RenderError::Background { .. } => codes::CARD_BACKGROUND.code,
         }
     }
 }
@@ -143,6 +161,8 @@ pub const ERROR_CODES: &[codes::Code] = &[
     codes::TEMPLATE_SYNTAX,
     codes::TEMPLATE_RENDER,
     codes::TEMPLATE_UNSUPPORTED,
+    codes::CARD_SPEC,
+    codes::CARD_BACKGROUND,
 ];
 
 impl From<RenderError> for DeliveryError {
@@ -151,10 +171,14 @@ impl From<RenderError> for DeliveryError {
     }
 }
 
-/// Renders a job: the subject (when the version has one) and the body.
+/// Renders a job of a text kind: the subject (when the version has one) and the body. Picture
+/// cards are rendered by [`card::Cards::render`], which needs the fonts.
 pub fn render(job: &Job) -> Result<Rendered, RenderError> {
     let t = &job.template;
     let kind = Kind::parse(&t.kind)?;
+    if kind == Kind::Image {
+        return Err(RenderError::Unsupported(t.kind.clone()));
+    }
     let subject = match &t.subject {
         // A subject is a header line, never escaped.
         Some(s) => Some(text::render(&t.name, "subject", Kind::Text, s, &job.vars)?),
@@ -164,12 +188,16 @@ pub fn render(job: &Job) -> Result<Rendered, RenderError> {
     Ok(Rendered { subject, content })
 }
 
-/// Checks a template's sources before they are saved: both must parse.
+/// Checks a template's sources before they are saved: both must parse (a card's body is its
+/// spec, see [`card::CardSpec::parse`]).
 pub fn check(name: &str, kind: Kind, subject: Option<&str>, body: &str) -> Result<(), RenderError> {
     if let Some(s) = subject {
         text::check(name, "subject", Kind::Text, s)?;
     }
-    text::check(name, "body", kind, body)
+    match kind {
+        Kind::Image => card::CardSpec::parse(name, body).map(|_| ()),
+        _ => text::check(name, "body", kind, body),
+    }
 }
 
 #[cfg(test)]
@@ -230,7 +258,7 @@ mod tests {
     #[test]
     fn codes_are_declared_once() {
         for e in [
-            RenderError::Unsupported("image".into()),
+            RenderError::Unsupported("video".into()),
             RenderError::Syntax {
                 template: "t".into(),
                 part: "body",
@@ -240,9 +268,10 @@ mod tests {
             assert!(ERROR_CODES.iter().any(|c| c.code == e.code()));
         }
         assert_eq!(
-            Kind::parse("image").unwrap_err().code(),
+            Kind::parse("video").unwrap_err().code(),
             "template-unsupported"
         );
+        assert_eq!(Kind::parse("image").unwrap(), Kind::Image);
     }
 
     /// The README's template code table lists every code, with its line of meaning.

@@ -17,7 +17,7 @@ fn environment<'s>(kind: Kind) -> Environment<'s> {
     let escape = match kind {
         Kind::Html => AutoEscape::Html,
         Kind::Json => AutoEscape::Json,
-        Kind::Text | Kind::Markdown => AutoEscape::None,
+        Kind::Text | Kind::Markdown | Kind::Image => AutoEscape::None,
     };
     env.set_auto_escape_callback(move |_| escape);
     env

@@ -167,6 +167,7 @@ fn message(address: &str, content: Option<&str>) -> OutboxMessage {
         max_attempts: None,
         priority: 0,
         created: Utc::now(),
+        images: Vec::new(),
     }
 }
 

@@ -693,6 +693,7 @@ mod tests {
             max_attempts: None,
             priority: 0,
             created: chrono::Utc::now(),
+            images: Vec::new(),
         };
         let c = build("url = \"https://api.example.com/v1/\"\n").unwrap();
         let url = |a: &str| c.url_for(&msg(a)).map(|u| u.to_string());

@@ -349,6 +349,71 @@ pub fn build_body(body: &str, env: Envelope<'_>) -> Result<Built, DeliveryError>
     finish(message, env.to, Vec::new())
 }
 
+/// Builds a mail that shows pictures (a rendered card): `multipart/mixed` of a
+/// `multipart/related` (the text, an HTML part showing each picture inline by `cid:`, and the
+/// pictures) and each picture again as an attachment, for clients that hide inline parts.
+pub fn build_with_images(
+    text: &str,
+    images: &[std::sync::Arc<crate::connector::Image>],
+    env: Envelope<'_>,
+) -> Result<Built, DeliveryError> {
+    use lettre::message::{header::ContentType, Attachment};
+    let mut b = Message::builder()
+        .from(env.from.clone())
+        .subject(env.subject.unwrap_or(""))
+        .message_id(Some(env.message_id.clone()));
+    for m in &env.to {
+        b = b.to(m.clone());
+    }
+    // The Content-ID of picture i: unique per message (`card1.<message id>`).
+    let id = env.message_id.trim_matches(['<', '>']);
+    let cid = |i: usize| format!("card{}.{id}", i + 1);
+    let content_type = |mime: &str| {
+        ContentType::parse(mime).map_err(|_| {
+            DeliveryError::permanent(
+                codes::BAD_CONTENT.code,
+                format!("bad image type \"{mime}\""),
+            )
+        })
+    };
+    let alt = escape_html(text.lines().next().unwrap_or(""));
+    let mut html = String::from("<!DOCTYPE html>\n<html><body>\n");
+    for (i, img) in images.iter().enumerate() {
+        html.push_str(&format!(
+            "<p><img src=\"cid:{}\" width=\"{}\" height=\"{}\" alt=\"{alt}\" style=\"max-width:100%;height:auto\"></p>\n",
+            cid(i),
+            img.width,
+            img.height
+        ));
+    }
+    for line in text.lines() {
+        html.push_str(&format!("<p>{}</p>\n", escape_html(line)));
+    }
+    html.push_str("</body></html>\n");
+    let mut related =
+        MultiPart::related().multipart(MultiPart::alternative_plain_html(text.to_string(), html));
+    for (i, img) in images.iter().enumerate() {
+        related = related.singlepart(
+            Attachment::new_inline(cid(i)).body(img.bytes.to_vec(), content_type(&img.mime)?),
+        );
+    }
+    let mut mixed = MultiPart::mixed().multipart(related);
+    for img in images {
+        mixed = mixed.singlepart(
+            Attachment::new(img.file_name.clone())
+                .body(img.bytes.to_vec(), content_type(&img.mime)?),
+        );
+    }
+    finish(b.multipart(mixed), env.to, Vec::new())
+}
+
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 fn finish(
     message: Result<Message, lettre::error::Error>,
     to: Vec<Mailbox>,

@@ -123,6 +123,13 @@ impl SmtpConnector {
             subject: msg.subject.as_deref(),
             message_id: message_id.clone(),
         };
+        if !msg.images.is_empty() {
+            // A picture card: its text is plain (the card's `alt`), never one of the forms.
+            return Ok((
+                content::build_with_images(text, &msg.images, env)?,
+                Some(message_id),
+            ));
+        }
         match content::detect(text) {
             Form::Raw(raw) => Ok((
                 Built {
