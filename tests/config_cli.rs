@@ -213,10 +213,6 @@ fn a_lease_shorter_than_a_profiles_timeout_plus_db_timeout_is_a_problem() {
     );
 }
 
-fn outboxd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_outboxd"))
-}
-
 fn write_config(dir: &Path, db_url: &str, extra_conf: &str) -> std::path::PathBuf {
     std::fs::write(
         dir.join("file.conf"),
@@ -235,19 +231,6 @@ fn write_config(dir: &Path, db_url: &str, extra_conf: &str) -> std::path::PathBu
     main
 }
 
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn check_config_lists_every_problem_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,19 +239,19 @@ async fn check_config_lists_every_problem_and_exits_1() {
         "postgres://postgres:s3cret@127.0.0.1:1/x",
         "[broken]\ndirectory = \"d\"\npath = \"p\"\n[typo]\npaht = \"x\"\n",
     );
-    let (ok, stdout, _) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    let (ok, stdout, _) = cli::run(cli::bare().arg("--config").arg(&main).arg("check-config"));
     assert!(!ok);
     assert!(stdout.contains("typo.paht"), "{stdout}");
     assert!(stdout.contains("broken.path"), "{stdout}");
     assert!(stdout.contains("2 problem(s)"), "{stdout}");
     assert!(!stdout.contains("s3cret"));
     let main = write_config(dir.path(), "postgres://x@127.0.0.1:1/x", "");
-    let (ok, stdout, stderr) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    let (ok, stdout, stderr) = cli::run(cli::bare().arg("--config").arg(&main).arg("check-config"));
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("ok      file/default"), "{stdout}");
     // A main file that does not parse.
     std::fs::write(&main, "concurrency = \"lots\"\n").unwrap();
-    let (ok, _, stderr) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    let (ok, _, stderr) = cli::run(cli::bare().arg("--config").arg(&main).arg("check-config"));
     assert!(!ok);
     assert!(
         stderr.contains("outboxd.toml") && stderr.contains("concurrency"),
@@ -284,7 +267,7 @@ async fn check_config_refuses_timings_that_cannot_work() {
         "postgres://x@127.0.0.1:1/x",
         "timeout = \"55s\"\n",
     );
-    let (ok, stdout, _) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    let (ok, stdout, _) = cli::run(cli::bare().arg("--config").arg(&main).arg("check-config"));
     assert!(!ok, "{stdout}");
     let file_conf = dir.path().join("file.conf").display().to_string();
     assert!(
@@ -295,10 +278,10 @@ async fn check_config_refuses_timings_that_cannot_work() {
     );
     let text = std::fs::read_to_string(&main).unwrap();
     std::fs::write(&main, format!("lease = \"65s\"\n{text}")).unwrap();
-    let (ok, stdout, stderr) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    let (ok, stdout, stderr) = cli::run(cli::bare().arg("--config").arg(&main).arg("check-config"));
     assert!(ok, "{stdout}{stderr}");
     std::fs::write(&main, format!("db_timeout = \"0s\"\n{text}")).unwrap();
-    let (ok, _, stderr) = run(outboxd().arg("--config").arg(&main).arg("check-config"));
+    let (ok, _, stderr) = cli::run(cli::bare().arg("--config").arg(&main).arg("check-config"));
     assert!(!ok);
     assert!(
         stderr.contains("outboxd.toml: key `db_timeout`"),
@@ -311,7 +294,7 @@ async fn send_status_and_retry_from_the_command_line() {
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let main = write_config(dir.path(), &db.url, "");
-    let (ok, stdout, stderr) = run(outboxd().arg("-c").arg(&main).args([
+    let (ok, stdout, stderr) = cli::run(cli::bare().arg("-c").arg(&main).args([
         "send",
         "--agent",
         "file.agent",
@@ -327,7 +310,7 @@ async fn send_status_and_retry_from_the_command_line() {
     assert!(ok, "{stderr}");
     let id: uuid::Uuid = stdout.trim().parse().expect("send prints the id");
     // The same code again: the same message.
-    let (_, again, _) = run(outboxd().arg("-c").arg(&main).args([
+    let (_, again, _) = cli::run(cli::bare().arg("-c").arg(&main).args([
         "send",
         "--agent",
         "file.agent",
@@ -356,7 +339,7 @@ async fn send_status_and_retry_from_the_command_line() {
     wait_state(&c, id, "submitted", Duration::from_secs(15)).await;
     wait_state(&c, bad, "failed", Duration::from_secs(15)).await;
     d.stop().await;
-    let (ok, status, _) = run(outboxd().arg("-c").arg(&main).arg("status"));
+    let (ok, status, _) = cli::run(cli::bare().arg("-c").arg(&main).arg("status"));
     assert!(ok);
     assert!(
         status.contains("submitted") && status.contains("failed"),
@@ -367,13 +350,13 @@ async fn send_status_and_retry_from_the_command_line() {
         "recent failures show their code: {status}"
     );
     // retry with no selection refuses; with a filter it repeats.
-    let (ok, _, stderr) = run(outboxd().arg("-c").arg(&main).arg("retry"));
+    let (ok, _, stderr) = cli::run(cli::bare().arg("-c").arg(&main).arg("retry"));
     assert!(!ok && stderr.contains("--all"), "{stderr}");
-    let (ok, out, _) =
-        run(outboxd()
-            .arg("-c")
-            .arg(&main)
-            .args(["retry", "--error-code", "unknown-profile"]));
+    let (ok, out, _) = cli::run(cli::bare().arg("-c").arg(&main).args([
+        "retry",
+        "--error-code",
+        "unknown-profile",
+    ]));
     assert!(ok);
     assert_eq!(out.trim(), bad.to_string());
     assert_eq!(state_of(&c, bad).await, "prepared");
@@ -386,7 +369,7 @@ async fn migrate_creates_the_database_when_missing() {
     u.set_path(&format!("/{name}"));
     let dir = tempfile::tempdir().unwrap();
     let main = write_config(dir.path(), u.as_str(), "");
-    let (ok, out, err) = run(outboxd().arg("-c").arg(&main).arg("migrate"));
+    let (ok, out, err) = cli::run(cli::bare().arg("-c").arg(&main).arg("migrate"));
     assert!(ok, "{err}");
     let all: Vec<i32> = outboxd::db::migrate::MIGRATIONS
         .iter()
@@ -396,7 +379,7 @@ async fn migrate_creates_the_database_when_missing() {
         out.contains(&format!("applied migrations {all:?}")),
         "{out}"
     );
-    let (ok, out, _) = run(outboxd().arg("-c").arg(&main).arg("migrate"));
+    let (ok, out, _) = cli::run(cli::bare().arg("-c").arg(&main).arg("migrate"));
     assert!(ok && out.contains("up to date"), "{out}");
     let (admin, conn) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls)
         .await
@@ -425,7 +408,7 @@ async fn the_binary_reloads_on_hup_and_drains_on_term() {
     let dir = tempfile::tempdir().unwrap();
     let main = write_config(dir.path(), &db.url, "");
     let log = dir.path().join("daemon.log");
-    let mut child = outboxd()
+    let mut child = cli::bare()
         .arg("-c")
         .arg(&main)
         .arg("run")

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use outboxd::config::Retention;
@@ -214,24 +214,6 @@ async fn the_daemon_runs_retention_on_its_own() {
     daemon.stop().await;
 }
 
-fn outboxd(main: &std::path::Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_outboxd"));
-    c.arg("-c")
-        .arg(main)
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG");
-    c
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
     let db = TestDb::new().await;
@@ -257,22 +239,22 @@ async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
 
     // cancel: prepared → created; a second cancel is refused with the outbox's code.
     let p = send(&c, "file.agent", "default", "a@b", "x").await;
-    let (ok, out, _) = run(outboxd(&main).arg("cancel").arg(p.to_string()));
+    let (ok, out, _) = cli::run(cli::outboxd(&main).arg("cancel").arg(p.to_string()));
     assert!(ok && out.contains(&format!("{p} created")), "{out}");
-    let (ok, _, err) = run(outboxd(&main).arg("cancel").arg(p.to_string()));
+    let (ok, _, err) = cli::run(cli::outboxd(&main).arg("cancel").arg(p.to_string()));
     assert!(!ok && err.contains("ERR-400-032"), "{err}");
 
     // retry --failed --since: only the recent failure is repeated.
     let recent = finished(&c, "fail", "10 minutes").await;
     let older = finished(&c, "fail", "3 hours").await;
-    let (ok, out, err) = run(outboxd(&main).args(["retry", "--failed", "--since", "1h"]));
+    let (ok, out, err) = cli::run(cli::outboxd(&main).args(["retry", "--failed", "--since", "1h"]));
     assert!(ok, "{err}");
     assert_eq!(out.trim(), recent.to_string());
     assert_eq!(state_of(&c, recent).await, "prepared");
     assert_eq!(state_of(&c, older).await, "failed");
 
     // status --json.
-    let (ok, out, err) = run(outboxd(&main).args(["status", "--json"]));
+    let (ok, out, err) = cli::run(cli::outboxd(&main).args(["status", "--json"]));
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["queue"]
@@ -282,11 +264,12 @@ async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
     assert_eq!(v["recent_failures"][0]["id"], older.to_string());
 
     // purge --dry-run reports, changes nothing; purge applies.
-    let (ok, out, err) = run(outboxd(&main).args(["purge", "--dry-run", "--delete-after", "2h"]));
+    let (ok, out, err) =
+        cli::run(cli::outboxd(&main).args(["purge", "--dry-run", "--delete-after", "2h"]));
     assert!(ok, "{err}");
     assert!(out.contains("would delete 1 message(s)"), "{out}");
     assert_eq!(state_of(&c, older).await, "failed");
-    let (ok, out, err) = run(outboxd(&main).args(["purge", "--delete-after", "2h"]));
+    let (ok, out, err) = cli::run(cli::outboxd(&main).args(["purge", "--delete-after", "2h"]));
     assert!(ok && out.contains("deleted 1 message(s)"), "{out}{err}");
     assert!(c
         .query_opt("SELECT 1 FROM outbox.messages WHERE id = $1", &[&older])
@@ -295,7 +278,7 @@ async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
         .is_none());
 
     // tail: follows deliveries as the daemon records them.
-    let mut tail = outboxd(&main)
+    let mut tail = cli::outboxd(&main)
         .args(["tail", "--interval", "50ms"])
         .stdout(Stdio::piped())
         .spawn()

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -575,24 +574,6 @@ async fn executions_deliver_track_progress_and_record_reads() {
     d.daemon.stop().await;
 }
 
-fn outboxd(main: &std::path::Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_outboxd"));
-    c.arg("-c")
-        .arg(main)
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG");
-    c
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `outboxd task add|list|show|run|pause|resume`, with the cron expression checked before saving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_manages_tasks() {
@@ -611,52 +592,56 @@ async fn the_cli_manages_tasks() {
     let vars = dir.path().join("vars.json");
     std::fs::write(&vars, r#"{"name": "friend", "title": "Hello"}"#).unwrap();
 
-    let (ok, _, err) = run(outboxd(&main)
-        .args([
-            "task",
-            "add",
-            "weekly",
-            "--cover",
-            "cover",
-            "--schedule",
-            "cron 0 9 * * FUNDAY",
-            "--recipients",
-        ])
-        .arg(&recipients));
+    let (ok, _, err) = cli::run(
+        cli::outboxd(&main)
+            .args([
+                "task",
+                "add",
+                "weekly",
+                "--cover",
+                "cover",
+                "--schedule",
+                "cron 0 9 * * FUNDAY",
+                "--recipients",
+            ])
+            .arg(&recipients),
+    );
     assert!(!ok);
     assert!(err.contains("cron expression"), "{err}");
     let n: i64 = one(&c, "SELECT count(*) FROM outbox.tasks", &[]).await;
     assert_eq!(n, 0, "refused before saving");
 
-    let (ok, out, err) = run(outboxd(&main)
-        .args([
-            "task",
-            "add",
-            "weekly",
-            "--cover",
-            "cover",
-            "--body",
-            "page",
-            "--schedule",
-            "cron 0 9 * * MON",
-            "--zone",
-            "America/New_York",
-            "--max-runs",
-            "3",
-            "--recipients",
-        ])
-        .arg(&recipients)
-        .arg("--vars")
-        .arg(&vars));
+    let (ok, out, err) = cli::run(
+        cli::outboxd(&main)
+            .args([
+                "task",
+                "add",
+                "weekly",
+                "--cover",
+                "cover",
+                "--body",
+                "page",
+                "--schedule",
+                "cron 0 9 * * MON",
+                "--zone",
+                "America/New_York",
+                "--max-runs",
+                "3",
+                "--recipients",
+            ])
+            .arg(&recipients)
+            .arg("--vars")
+            .arg(&vars),
+    );
     assert!(ok, "{err}");
     let id: Uuid = out.trim().parse().unwrap();
-    let (ok, out, _) = run(outboxd(&main).args(["task", "list"]));
+    let (ok, out, _) = cli::run(cli::outboxd(&main).args(["task", "list"]));
     assert!(ok);
     assert!(
         out.starts_with("weekly\tactive\tcron 0 9 * * MON\tAmerica/New_York\t-\t0/3"),
         "{out}"
     );
-    let (ok, out, err) = run(outboxd(&main).args(["task", "run", "weekly"]));
+    let (ok, out, err) = cli::run(cli::outboxd(&main).args(["task", "run", "weekly"]));
     assert!(ok, "{err}");
     let run_id: i64 = out.trim().parse().unwrap();
     let (trigger, task): (String, Uuid) = {
@@ -673,22 +658,22 @@ async fn the_cli_manages_tasks() {
     // Fanned out by a scheduler, then shown with its recipients not sent yet.
     let clock = Clock::manual(Utc::now());
     scheduler(&db, &clock, 1000, "w").tick().await.unwrap();
-    let (ok, out, err) = run(outboxd(&main).args(["task", "show", &id.to_string()]));
+    let (ok, out, err) = cli::run(cli::outboxd(&main).args(["task", "show", &id.to_string()]));
     assert!(ok, "{err}");
     assert!(out.contains("task weekly"), "{out}");
     assert!(out.contains("#1\t"), "{out}");
     assert!(out.contains("manual\tenqueued\t2\t0\t0\t2\t0"), "{out}");
     assert!(out.contains("ann@x\tprepared"), "{out}");
 
-    let (ok, _, err) = run(outboxd(&main).args(["task", "pause", "weekly"]));
+    let (ok, _, err) = cli::run(cli::outboxd(&main).args(["task", "pause", "weekly"]));
     assert!(ok, "{err}");
     let state: String = one(&c, "SELECT state FROM api.task('weekly')", &[]).await;
     assert_eq!(state, "paused");
-    let (ok, _, err) = run(outboxd(&main).args(["task", "resume", "weekly"]));
+    let (ok, _, err) = cli::run(cli::outboxd(&main).args(["task", "resume", "weekly"]));
     assert!(ok, "{err}");
     let state: String = one(&c, "SELECT state FROM api.task('weekly')", &[]).await;
     assert_eq!(state, "active");
-    let (ok, _, err) = run(outboxd(&main).args(["task", "run", "nosuch"]));
+    let (ok, _, err) = cli::run(cli::outboxd(&main).args(["task", "run", "nosuch"]));
     assert!(!ok);
     assert!(err.contains("ERR-400-060"), "{err}");
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -320,24 +319,6 @@ async fn the_app_role_uses_the_template_api_but_not_the_tables() {
     assert!(format!("{e:?}").contains("ERR-400-040"), "{e:?}");
 }
 
-fn outboxd(main: &std::path::Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_outboxd"));
-    c.arg("-c")
-        .arg(main)
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG");
-    c
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_checks_syntax_on_save_and_renders_previews() {
     let db = TestDb::new().await;
@@ -370,9 +351,11 @@ async fn the_cli_checks_syntax_on_save_and_renders_previews() {
     let c = db.client().await;
 
     // Refused before anything is stored.
-    let (ok, _, err) = run(outboxd(&main)
-        .args(["template", "add", "mail", "--file"])
-        .arg(&bad));
+    let (ok, _, err) = cli::run(
+        cli::outboxd(&main)
+            .args(["template", "add", "mail", "--file"])
+            .arg(&bad),
+    );
     assert!(!ok);
     assert!(err.contains("syntax error"), "{err}");
     let n: i64 = c
@@ -382,18 +365,20 @@ async fn the_cli_checks_syntax_on_save_and_renders_previews() {
         .get(0);
     assert_eq!(n, 0);
 
-    let (ok, _, err) = run(outboxd(&main)
-        .args([
-            "template",
-            "add",
-            "mail",
-            "--agent",
-            "file.agent",
-            "--subject",
-            "For {{ name }}",
-            "--file",
-        ])
-        .arg(&good));
+    let (ok, _, err) = cli::run(
+        cli::outboxd(&main)
+            .args([
+                "template",
+                "add",
+                "mail",
+                "--agent",
+                "file.agent",
+                "--subject",
+                "For {{ name }}",
+                "--file",
+            ])
+            .arg(&good),
+    );
     assert!(ok, "{err}");
     let kind: String = c
         .query_one("SELECT kind FROM api.template('mail')", &[])
@@ -402,18 +387,22 @@ async fn the_cli_checks_syntax_on_save_and_renders_previews() {
         .get(0);
     assert_eq!(kind, "html", "the kind comes from the extension");
     // An update is checked too.
-    let (ok, _, err) = run(outboxd(&main)
-        .args(["template", "update", "mail", "--file"])
-        .arg(&bad));
+    let (ok, _, err) = cli::run(
+        cli::outboxd(&main)
+            .args(["template", "update", "mail", "--file"])
+            .arg(&bad),
+    );
     assert!(!ok && err.contains("syntax error"), "{err}");
-    let (ok, out, _) = run(outboxd(&main).args(["template", "list"]));
+    let (ok, out, _) = cli::run(cli::outboxd(&main).args(["template", "list"]));
     assert!(ok);
     assert!(out.contains("mail\thtml\tfile.agent\t-\tv1"), "{out}");
 
     // render NAME from the database, and FILE from disk, with --out.
-    let (ok, out, err) = run(outboxd(&main)
-        .args(["render", "--template", "mail", "--vars"])
-        .arg(&vars));
+    let (ok, out, err) = cli::run(
+        cli::outboxd(&main)
+            .args(["render", "--template", "mail", "--vars"])
+            .arg(&vars),
+    );
     assert!(ok, "{err}");
     assert_eq!(
         out,
@@ -421,14 +410,16 @@ async fn the_cli_checks_syntax_on_save_and_renders_previews() {
     );
     let out_file = dir.path().join("out.txt");
     let text = p("notice.txt", "Dear {{ name }}");
-    let (ok, out, err) = run(outboxd(&main)
-        .arg("render")
-        .arg("--template")
-        .arg(&text)
-        .arg("--vars")
-        .arg(&vars)
-        .arg("--out")
-        .arg(&out_file));
+    let (ok, out, err) = cli::run(
+        cli::outboxd(&main)
+            .arg("render")
+            .arg("--template")
+            .arg(&text)
+            .arg("--vars")
+            .arg(&vars)
+            .arg("--out")
+            .arg(&out_file),
+    );
     assert!(ok, "{err}");
     assert_eq!(out, "");
     assert_eq!(
@@ -436,7 +427,12 @@ async fn the_cli_checks_syntax_on_save_and_renders_previews() {
         "Dear <b>Al</b>"
     );
     // A missing variable is an error with its code, not a half-rendered text.
-    let (ok, out, err) = run(outboxd(&main).arg("render").arg("--template").arg(&text));
+    let (ok, out, err) = cli::run(
+        cli::outboxd(&main)
+            .arg("render")
+            .arg("--template")
+            .arg(&text),
+    );
     assert!(!ok);
     assert!(out.is_empty());
     assert!(

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod cli;
 pub mod m2m_double;
 pub mod sba_double;
 
