@@ -222,7 +222,8 @@ pub async fn run(
             controls.stats.clone(),
             shared.worker.clone(),
             cfg.api_tokens.clone(),
-        ));
+        )
+        .with_router(router.clone()));
         background.spawn(crate::server::serve(
             listener,
             state,
