@@ -121,7 +121,13 @@ async fn messages(c: &tokio_postgres::Client) -> i64 {
 /// (kind, request, result, error_code, error_text) of every recorded direct call, oldest first.
 async fn calls(
     c: &tokio_postgres::Client,
-) -> Vec<(String, Value, Option<String>, Option<String>, Option<String>)> {
+) -> Vec<(
+    String,
+    Value,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+)> {
     c.query(
         "SELECT kind, request, result, error_code, error_text FROM api.dingtalk_calls() ORDER BY id",
         &[],
@@ -328,10 +334,11 @@ async fn every_error_kind_answers_in_the_centers_envelope() {
     let c = db.client().await;
     let msg: Value = serde_json::from_str(TEXT).unwrap();
 
-    let (st, v) = s
-        .post("/v1/dd/topapi/message", json!({"msg": msg}))
-        .await;
-    assert_eq!(failure(st, &v, 400, "recipient"), "[40002] a field is missing, unknown, of the wrong type or out of range");
+    let (st, v) = s.post("/v1/dd/topapi/message", json!({"msg": msg})).await;
+    assert_eq!(
+        failure(st, &v, 400, "recipient"),
+        "[40002] a field is missing, unknown, of the wrong type or out of range"
+    );
     let (st, v) = s
         .post(
             "/v1/dd/topapi/message",
@@ -380,10 +387,17 @@ async fn every_error_kind_answers_in_the_centers_envelope() {
         .await;
     failure(st, &v, 400, "type");
     let (st, v) = s
-        .post("/v1/dd/topapi/message?wait=soon", json!({"userid_list": "u1", "msg": msg}))
+        .post(
+            "/v1/dd/topapi/message?wait=soon",
+            json!({"userid_list": "u1", "msg": msg}),
+        )
         .await;
     failure(st, &v, 400, "wait");
-    assert_eq!(messages(&c).await, 0, "no refused request enqueued anything");
+    assert_eq!(
+        messages(&c).await,
+        0,
+        "no refused request enqueued anything"
+    );
     assert!(
         s.dd.calls("/chat/create").is_empty() && s.dd.calls("/media/upload").is_empty(),
         "no refused request reached DingTalk"
@@ -415,13 +429,20 @@ async fn every_error_kind_answers_in_the_centers_envelope() {
     let rec = calls(&c).await;
     assert_eq!(rec.len(), 2);
     assert_eq!(
-        (rec[0].2.as_deref(), rec[0].3.as_deref(), rec[0].4.as_deref()),
+        (
+            rec[0].2.as_deref(),
+            rec[0].3.as_deref(),
+            rec[0].4.as_deref()
+        ),
         (None, Some("dingtalk-33012"), Some("无效的userid"))
     );
     assert_eq!(rec[1].3.as_deref(), Some("dingtalk-40004"));
     // Nothing secret was recorded or answered.
     let all = format!("{rec:?}");
-    assert!(!all.contains(APP_SECRET) && !all.contains("app-token-"), "{all}");
+    assert!(
+        !all.contains(APP_SECRET) && !all.contains("app-token-"),
+        "{all}"
+    );
 
     // The REST send's own failures keep their codes; /v1/dd's method errors are the center's.
     let r = s
@@ -448,7 +469,11 @@ async fn the_rest_send_waits_for_the_outcome_or_answers_the_state() {
             json!({"agent": "dingtalk.agent", "address": "users:u1", "content": TEXT}),
         )
         .await;
-    assert_eq!((st, &v["ok"], &v["code"]), (200, &json!(1), &json!(0)), "{v}");
+    assert_eq!(
+        (st, &v["ok"], &v["code"]),
+        (200, &json!(1), &json!(0)),
+        "{v}"
+    );
     assert_eq!(v["data"]["state"], "submitted", "{v}");
     let sent = s.dd.calls("/topapi/message/corpconversation/asyncsend_v2");
     assert_eq!(
@@ -463,7 +488,11 @@ async fn the_rest_send_waits_for_the_outcome_or_answers_the_state() {
             json!({"agent": "dingtalk.agent", "address": "chat:chat-unknown", "content": TEXT}),
         )
         .await;
-    assert_eq!((st, &v["ok"], &v["code"]), (502, &json!(0), &json!(50201)), "{v}");
+    assert_eq!(
+        (st, &v["ok"], &v["code"]),
+        (502, &json!(0), &json!(50201)),
+        "{v}"
+    );
     assert_eq!(v["data"], "[dingtalk-34019] chatid不存在");
 
     // Not due before the wait ends: the state it is in, after about the wait.
@@ -493,5 +522,74 @@ async fn the_rest_send_waits_for_the_outcome_or_answers_the_state() {
         .await;
     assert_eq!(st, 200);
     assert_eq!(v["data"].as_object().unwrap().len(), 1, "{v}");
+    s.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_the_dd_endpoints_as_they_answer() {
+    let db = TestDb::new().await;
+    let s = start(&db).await;
+    let doc: Value = s
+        .http
+        .get(format!("{}/api/v1/openapi.json", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &doc["components"]["schemas"];
+    // A full body of each send and of chat/create is accepted; each required field is refused
+    // when missing (400, code 1, msg naming it).
+    let msg: Value = serde_json::from_str(TEXT).unwrap();
+    let bodies = [
+        (
+            "/v1/dd/topapi/message",
+            "DdTopapiMessage",
+            json!({"userid_list": "u1", "dept_id_list": [7], "to_all_user": false, "agent_id": AGENT_ID, "msg": msg}),
+        ),
+        (
+            "/v1/dd/chat/create",
+            "DdChatCreate",
+            json!({"name": "n", "owner": "u1", "useridlist": "u1,u2"}),
+        ),
+    ];
+    for (path, schema, full) in bodies {
+        assert!(doc["paths"][path]["post"].is_object(), "{path}");
+        let props = schemas[schema]["properties"].as_object().unwrap();
+        for k in full.as_object().unwrap().keys() {
+            assert!(props.contains_key(k), "{schema} lacks {k}");
+        }
+        let (st, v) = s.post(path, full.clone()).await;
+        success(st, &v);
+        for req in schemas[schema]["required"].as_array().unwrap() {
+            let req = req.as_str().unwrap();
+            let mut b = full.clone();
+            b.as_object_mut().unwrap().remove(req);
+            let (st, v) = s.post(path, b).await;
+            failure(st, &v, 400, req);
+        }
+    }
+    let chat = &schemas["DdChatSend"]["required"];
+    assert_eq!(chat, &json!(["chatid", "msg"]));
+    for p in ["/v1/dd/chat/send", "/v1/dd/media/upload"] {
+        assert!(doc["paths"][p]["post"].is_object(), "{p}");
+    }
+    let wait = doc["paths"]["/api/v1/message/send"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "wait");
+    assert!(wait, "the REST send documents ?wait=");
+    let codes: Vec<u64> = doc["x-error-codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["code"].as_u64().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&40004) && codes.contains(&50201),
+        "{codes:?}"
+    );
     s.daemon.stop().await;
 }

@@ -62,7 +62,10 @@ pub fn routes() -> Router<Arc<AppState>> {
             post(topapi_message).fallback(not_allowed),
         )
         .route("/v1/dd/chat/send", post(chat_send).fallback(not_allowed))
-        .route("/v1/dd/chat/create", post(chat_create).fallback(not_allowed))
+        .route(
+            "/v1/dd/chat/create",
+            post(chat_create).fallback(not_allowed),
+        )
         .route(
             "/v1/dd/media/upload",
             post(media_upload).fallback(not_allowed),
@@ -167,7 +170,9 @@ fn msg_content(msg: Option<Value>) -> Result<String, Failure> {
         .filter(|t| !t.is_empty())
         .ok_or_else(|| invalid("msg needs a msgtype"))?;
     if !msg.get(t).is_some_and(Value::is_object) {
-        return Err(invalid(format!("msg of msgtype {t} needs a \"{t}\" object")));
+        return Err(invalid(format!(
+            "msg of msgtype {t} needs a \"{t}\" object"
+        )));
     }
     Ok(msg.to_string())
 }
@@ -417,12 +422,18 @@ struct Media {
 }
 
 /// The upload of a multipart form: field `type` (or the query's `type`) and the file `media`.
-async fn multipart_media(mut form: Multipart, query_type: Option<String>) -> Result<Media, Failure> {
+async fn multipart_media(
+    mut form: Multipart,
+    query_type: Option<String>,
+) -> Result<Media, Failure> {
     let bad = |e: axum::extract::multipart::MultipartError| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             Failure::new(ErrorKind::TooLarge, "the body is too large")
         } else {
-            invalid(format!("the multipart form is not valid: {}", e.body_text()))
+            invalid(format!(
+                "the multipart form is not valid: {}",
+                e.body_text()
+            ))
         }
     };
     let (mut kind, mut file) = (query_type, None);
