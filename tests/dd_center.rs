@@ -36,7 +36,9 @@ async fn start(db: &TestDb) -> Center {
     let mut tc = TestConfig::new(db, &[("dingtalk", &conf)]);
     tc.config.http_listen = Some("127.0.0.1:0".parse().unwrap());
     tc.config.api_tokens = vec![Secret::new(TOKEN)];
-    let daemon = Daemon::start(tc.config.clone());
+    // As the daemon's role, as in production: the grants of sql/018 are what the server uses.
+    tc.config.session_role = Some("outboxd_daemon".into());
+    let daemon = Daemon::start(tc.config.clone().with_session_role());
     let controls = daemon.controls.clone();
     let addr = wait_for(Duration::from_secs(10), "the HTTP server to listen", || {
         let c = controls.clone();
