@@ -248,6 +248,12 @@ pub trait Connector: Send + Sync {
     async fn healthcheck(&self) -> Result<(), DeliveryError> {
         Ok(())
     }
+    /// The connector as its concrete type, for the few callers that use more than `deliver`
+    /// (the HTTP server's `/v1/dd/chat/create` calls the dingtalk connector's `create_chat`).
+    /// `None` unless the connector opts in.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Parses one profile table; the error is (key path, message).

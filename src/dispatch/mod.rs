@@ -217,12 +217,15 @@ pub async fn run(
             let _ = controls.http_addr.set(bound);
             read_base.get_or_insert_with(|| format!("http://{bound}/m/"));
         }
-        let state = Arc::new(crate::server::AppState::new(
-            shared.db.clone(),
-            controls.stats.clone(),
-            shared.worker.clone(),
-            cfg.api_tokens.clone(),
-        ));
+        let state = Arc::new(
+            crate::server::AppState::new(
+                shared.db.clone(),
+                controls.stats.clone(),
+                shared.worker.clone(),
+                cfg.api_tokens.clone(),
+            )
+            .with_router(router.clone()),
+        );
         background.spawn(crate::server::serve(
             listener,
             state,

@@ -101,6 +101,14 @@ impl Router {
         self.by_kind.get(kind)?.get(name)
     }
 
+    /// The connector of dingtalk profile `name`, if configured (the HTTP server's direct calls).
+    pub fn dingtalk(&self, name: &str) -> Option<Arc<dyn Connector>> {
+        let c = &self.by_kind.get("dingtalk")?.get(name)?.connector;
+        c.as_any()?
+            .downcast_ref::<crate::connector::dingtalk::DingtalkConnector>()
+            .map(|_| c.clone())
+    }
+
     /// Every built connector, for health checks.
     pub fn all(&self) -> impl Iterator<Item = &Route> {
         self.by_kind.values().flat_map(|m| m.values())

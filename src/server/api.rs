@@ -5,13 +5,14 @@
 //! in psql and every rule of the outbox (agents, idempotency codes, NOTIFY) applies unchanged.
 //! Authentication: `Authorization: Bearer <token>`, compared in constant time with every
 //! configured token. An `Idempotency-Key` header becomes the message code (a body `code` wins),
-//! so a client that retries a request after a timeout never enqueues twice.
+//! so a client that retries a request after a timeout never enqueues twice. `?wait=5s` waits up
+//! to that long for the outcome ([`super::outcome`]).
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -95,6 +96,60 @@ pub fn authorized(headers: &HeaderMap, tokens: &[crate::config::Secret]) -> Resu
     }
 }
 
+/// The `Idempotency-Key` header, if any (trimmed, at most [`MAX_NAME`] bytes).
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Failure> {
+    let invalid = |msg: &str| Err(Failure::new(ErrorKind::Invalid, msg));
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(s) if s.trim().len() > MAX_NAME => {
+                invalid("the Idempotency-Key header is longer than 512 bytes")
+            }
+            Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+            _ => invalid("the Idempotency-Key header must be visible ASCII"),
+        },
+    }
+}
+
+/// The body as bytes, or the failure of a body too large or unreadable.
+pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
+    match body {
+        Ok(b) => Ok(b),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(Failure::new(ErrorKind::TooLarge, "the body is too large"))
+        }
+        Err(e) => Err(Failure::new(ErrorKind::BadJson, e.body_text())),
+    }
+}
+
+/// Enqueues `msg` (`api.send_message`); with `wait`, waits for its outcome ([`super::outcome`]).
+pub async fn enqueue(
+    st: &AppState,
+    msg: &NewMessage,
+    wait: Option<std::time::Duration>,
+) -> Result<super::outcome::Outcome, Failure> {
+    let id = st
+        .db
+        .timed("api send", async {
+            let c = st.db.pool().get().await?;
+            crate::ops::send(&c, msg).await
+        })
+        .await
+        .map_err(|e| db_failure(&e))?;
+    match wait {
+        Some(within) => super::outcome::wait(&st.db, id, within)
+            .await
+            .map_err(|e| db_failure(&e)),
+        None => Ok(super::outcome::Outcome {
+            id,
+            state: "prepared".into(),
+            provider_id: None,
+            error_code: None,
+            error_text: None,
+        }),
+    }
+}
+
 /// Reads and validates the body into the message to enqueue.
 pub fn parse_send(headers: &HeaderMap, body: &[u8]) -> Result<NewMessage, Failure> {
     let req: SendRequest = serde_json::from_slice(body).map_err(|e| match e.classify() {
@@ -105,13 +160,7 @@ pub fn parse_send(headers: &HeaderMap, body: &[u8]) -> Result<NewMessage, Failur
         ),
     })?;
     let invalid = |msg: String| Err(Failure::new(ErrorKind::Invalid, msg));
-    let header_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => match v.to_str() {
-            Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-            _ => return invalid("the Idempotency-Key header must be visible ASCII".into()),
-        },
-    };
+    let header_key = idempotency_key(headers)?;
     for (name, v) in [
         ("agent", Some(&req.agent)),
         ("profile", req.profile.as_ref()),
@@ -171,33 +220,29 @@ pub fn parse_send(headers: &HeaderMap, body: &[u8]) -> Result<NewMessage, Failur
 
 async fn send(
     State(st): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(f) = authorized(&headers, &st.tokens) {
-        return f.into_response();
-    }
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Failure::new(ErrorKind::TooLarge, "the body is too large").into_response()
+    let r = async {
+        authorized(&headers, &st.tokens)?;
+        let wait = super::outcome::parse_wait(query.as_deref())?;
+        let body = body_bytes(body)?;
+        let msg = parse_send(&headers, &body)?;
+        let o = enqueue(&st, &msg, wait).await?;
+        if let Some(f) = o.failure("") {
+            return Err(f);
         }
-        Err(e) => return Failure::new(ErrorKind::BadJson, e.body_text()).into_response(),
-    };
-    let msg = match parse_send(&headers, &body) {
-        Ok(m) => m,
-        Err(f) => return f.into_response(),
-    };
-    let result = st
-        .db
-        .timed("api send", async {
-            let c = st.db.pool().get().await?;
-            crate::ops::send(&c, &msg).await
+        // Without `wait` the answer stays what it always was: just the id.
+        Ok(match wait {
+            None => json!({"id": o.id}),
+            Some(_) => o.data(),
         })
-        .await;
-    match result {
-        Ok(id) => envelope::ok(json!({"id": id}), 1),
-        Err(e) => db_failure(&e).into_response(),
+    }
+    .await;
+    match r {
+        Ok(data) => envelope::ok(data, 1),
+        Err(f) => f.into_response(),
     }
 }
 

@@ -1,7 +1,16 @@
-//! The answer envelope every `/api` endpoint uses, the one the DingTalk message center's clients
-//! know: `{"id", "ok", "code", "msg", "data", "count"}` — `ok` = 1 and `code` = 0 on success; on
-//! failure `ok` = 0 and `code` is one of the stable [`ErrorKind`] codes below (documented in the
-//! README and in the OpenAPI document).
+//! The answer envelope every endpoint uses, the one the DingTalk message center's clients know:
+//! `{"id", "ok", "code", "msg", "data", "count"}` — `ok` = 1 and `code` = 0 on success; on
+//! failure `ok` = 0 and `msg` says what failed. Two conventions for the failure's `code`, both
+//! documented in the README and in the OpenAPI document:
+//!
+//! - `/api/v1/*` (outboxd's own REST API): one of the stable [`ErrorKind`] codes below, `data`
+//!   null — or `"[<error code>] <error text>"` when a delivery or provider call failed;
+//! - `/v1/dd/*` (the DingTalk message center's endpoints, [`Center`]): always `code` = 1, as the
+//!   center answers, with `data` = `"[<provider errcode>] <provider errmsg>"` when DingTalk refused
+//!   (e.g. `"[34019] chatid不存在"`) and `"[<ErrorKind code>] <its meaning>"` otherwise (e.g.
+//!   `"[40101] missing or wrong bearer token"`), so a client can always read `data` as a string.
+//!
+//! The HTTP status is the kind's in both.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -37,6 +46,11 @@ pub enum ErrorKind {
     Unavailable,
     /// The request took longer than the server allows.
     Timeout,
+    /// No such profile of the connector a `/v1/dd/*` endpoint uses.
+    UnknownProfile,
+    /// The provider refused: the message failed (`?wait=`) or a direct call (`/v1/dd/chat/create`,
+    /// `/v1/dd/media/upload`) did; `data` is `"[code] text"`.
+    ProviderFailed,
 }
 
 impl ErrorKind {
@@ -52,6 +66,8 @@ impl ErrorKind {
         ErrorKind::Database,
         ErrorKind::Unavailable,
         ErrorKind::Timeout,
+        ErrorKind::UnknownProfile,
+        ErrorKind::ProviderFailed,
     ];
 
     pub fn code(self) -> u32 {
@@ -66,14 +82,17 @@ impl ErrorKind {
             ErrorKind::Database => 50001,
             ErrorKind::Unavailable => 50301,
             ErrorKind::Timeout => 50401,
+            ErrorKind::UnknownProfile => 40004,
+            ErrorKind::ProviderFailed => 50201,
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::BadJson | ErrorKind::Invalid | ErrorKind::UnknownAgent => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorKind::BadJson
+            | ErrorKind::Invalid
+            | ErrorKind::UnknownAgent
+            | ErrorKind::UnknownProfile => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -81,6 +100,7 @@ impl ErrorKind {
             ErrorKind::Database => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::ProviderFailed => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -97,15 +117,21 @@ impl ErrorKind {
             ErrorKind::Database => "the database refused the request",
             ErrorKind::Unavailable => "the database is unreachable or did not answer in time",
             ErrorKind::Timeout => "the request took longer than the server allows",
+            ErrorKind::UnknownProfile => "the connector has no such profile",
+            ErrorKind::ProviderFailed => {
+                "the provider refused the message or the call; data is \"[code] text\""
+            }
         }
     }
 }
 
-/// A failed answer: the kind decides code and status, `msg` says what failed.
+/// A failed answer: the kind decides code and status, `msg` says what failed, `data` (if any)
+/// is the provider's `"[code] text"`.
 #[derive(Debug)]
 pub struct Failure {
     pub kind: ErrorKind,
     pub msg: String,
+    pub data: Option<String>,
 }
 
 impl Failure {
@@ -113,26 +139,65 @@ impl Failure {
         Failure {
             kind,
             msg: msg.into(),
+            data: None,
         }
     }
-}
 
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
+    /// A provider's refusal: `data` = `"[code] text"`.
+    pub fn provider(msg: impl Into<String>, code: &str, text: &str) -> Self {
+        Failure {
+            kind: ErrorKind::ProviderFailed,
+            msg: msg.into(),
+            data: Some(format!("[{code}] {text}")),
+        }
+    }
+
+    fn respond(self, code: u32, data: Value) -> Response {
+        let unauthorized = self.kind == ErrorKind::Unauthorized;
         let mut r = (
             self.kind.status(),
             Json(json!({
-                "id": 0, "ok": 0, "code": self.kind.code(), "msg": self.msg, "data": Value::Null, "count": 0
+                "id": 0, "ok": 0, "code": code, "msg": self.msg, "data": data, "count": 0
             })),
         )
             .into_response();
-        if self.kind == ErrorKind::Unauthorized {
+        if unauthorized {
             r.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
         r
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let code = self.kind.code();
+        let data = self.data.clone().map_or(Value::Null, Value::from);
+        self.respond(code, data)
+    }
+}
+
+/// A failure in the DingTalk message center's convention (`/v1/dd/*`): `code` = 1, `data` the
+/// provider's `"[errcode] errmsg"` or else `"[<ErrorKind code>] <meaning>"`.
+#[derive(Debug)]
+pub struct Center(pub Failure);
+
+impl From<Failure> for Center {
+    fn from(f: Failure) -> Self {
+        Center(f)
+    }
+}
+
+impl IntoResponse for Center {
+    fn into_response(self) -> Response {
+        let f = self.0;
+        let data = f
+            .data
+            .clone()
+            .unwrap_or_else(|| format!("[{}] {}", f.kind.code(), f.kind.meaning()));
+        f.respond(1, Value::from(data))
     }
 }
 

@@ -1,5 +1,6 @@
 //! The daemon's own HTTP server (axum): health (`/heartbeat`, `/ping`), `/sys/status`,
-//! Prometheus `/metrics`, and the REST enqueue API under `/api/v1` (see [`api`]).
+//! Prometheus `/metrics`, the REST enqueue API under `/api/v1` (see [`api`]) and the DingTalk
+//! message center's endpoints under `/v1/dd` (see [`dd`]).
 //!
 //! Off unless `http_listen` is configured. It never delivers anything itself and holds no state
 //! of its own beyond short caches: status and enqueue go through SQL (`api.*`), so the database
@@ -9,8 +10,10 @@
 //! from a cache refreshed at most every `COUNTS_TTL`, so a busy dashboard does not scan the table.
 
 pub mod api;
+pub mod dd;
 pub mod envelope;
 pub mod openapi;
+pub mod outcome;
 pub mod read;
 pub mod task_api;
 
@@ -18,16 +21,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::db::Db;
+use crate::dispatch::router::Router;
 use crate::dispatch::stats::Stats;
 
 /// Upper bound of one request, body included.
@@ -42,6 +47,9 @@ pub struct AppState {
     pub worker: String,
     /// Bearer tokens accepted by `/api/v1` (none: every API call is refused with 401).
     pub tokens: Vec<Secret>,
+    /// The daemon's connectors (swapped on reload), for the direct calls of `/v1/dd/*`; `None`:
+    /// those endpoints answer "unknown profile".
+    pub router: Option<Arc<ArcSwap<Router>>>,
     counts: tokio::sync::Mutex<Option<(Instant, Result<crate::ops::Status, String>)>>,
 }
 
@@ -52,8 +60,15 @@ impl AppState {
             stats,
             worker,
             tokens,
+            router: None,
             counts: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The state with the daemon's connectors.
+    pub fn with_router(mut self, router: Arc<ArcSwap<Router>>) -> Self {
+        self.router = Some(router);
+        self
     }
 
     /// Counts by state and agent and the oldest prepared age, at most `COUNTS_TTL` old. Callers
@@ -82,8 +97,8 @@ impl AppState {
 }
 
 /// The routes, without a listener (tests drive it directly too).
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    Router::new()
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> axum::Router {
+    axum::Router::new()
         .route("/heartbeat", get(|| async { "OK" }))
         .route("/ping", get(|| async { "PONG" }))
         .route("/sys/status", get(status))
@@ -91,6 +106,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .merge(api::routes())
         .merge(task_api::routes())
         .merge(read::routes())
+        .merge(dd::routes())
         .fallback(envelope::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(bounded_in_time))

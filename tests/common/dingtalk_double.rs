@@ -12,6 +12,8 @@
 //!   field `media`): the access token (40014 unknown, 42001 expired), `agent_id`, at least one
 //!   recipient (1430000), known task ids, chat ids and media ids. getsendresult sorts users by
 //!   name: `ghost*` invalid, `busy*` forbidden (143105), `fail*` failed, the rest unread.
+//!   `fail_next(path, errcode, errmsg)` answers the next authorized call of `path` with that
+//!   error (a refusal the double has no rule for, e.g. chat/create's unknown owner).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashSet};
@@ -59,6 +61,8 @@ struct Inner {
     media: BTreeMap<String, Vec<u8>>,
     /// Echo the received query in robot error messages (a provider that leaks: redaction test).
     echo: bool,
+    /// The next call of a path answers this error.
+    fail_next: BTreeMap<String, Value>,
 }
 
 #[derive(Clone)]
@@ -154,6 +158,15 @@ impl DingtalkDouble {
         self.inner.lock().unwrap().too_fast = n;
     }
 
+    /// The next authorized call of `path` answers `{"errcode": code, "errmsg": msg}`.
+    pub fn fail_next(&self, path: &str, code: i64, msg: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .fail_next
+            .insert(path.to_string(), err(code, msg));
+    }
+
     pub fn echo_queries(&self) {
         self.inner.lock().unwrap().echo = true;
     }
@@ -225,6 +238,7 @@ async fn handle(
         }
         ("POST", p) => match token_error(&i, &query) {
             Some(e) => e,
+            None if i.fail_next.contains_key(p) => i.fail_next.remove(p).unwrap(),
             None => match p {
                 "/media/upload" => {
                     media = multipart_part(&content_type, &body, "media");

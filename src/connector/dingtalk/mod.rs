@@ -333,6 +333,23 @@ impl DingtalkConnector {
             .ok_or_else(|| bad_response("media/upload answered without a media_id"))
     }
 
+    /// `media/upload` of `data` as a `kind` (image, voice, video, file) named `filename`: the
+    /// `media_id` DingTalk returns (the HTTP server's `/v1/dd/media/upload`).
+    pub async fn upload_media(
+        &self,
+        kind: &str,
+        filename: &str,
+        data: Vec<u8>,
+    ) -> Result<String, DeliveryError> {
+        let u = Upload {
+            kind: kind.to_string(),
+            data,
+            filename: filename.to_string(),
+        };
+        let r = self.upload(&u).await;
+        self.redact(r)
+    }
+
     /// `chat/create`: the new chat's `chatid` (providers.md §2.5). Not idempotent.
     pub async fn create_chat(
         &self,
@@ -450,6 +467,10 @@ impl Connector for DingtalkConnector {
     async fn deliver(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let r = self.redactor.result(self.deliver_inner(msg).await);
         self.tokens.redact(r)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
