@@ -238,11 +238,13 @@ impl WeixinDouble {
         self.st.wc.script.lock().unwrap().extend(codes);
     }
     /// The next well-formed `media/upload` calls answer these errcodes, in order.
+    #[allow(dead_code)] // tests/cards.rs
     pub fn script_upload(&self, codes: &[i64]) {
         self.st.upload_script.lock().unwrap().extend(codes);
     }
 
     /// How many requests the WeCom app and robot endpoints (token, upload, send) received.
+    #[allow(dead_code)] // tests/cards.rs
     pub fn wecom_hits(&self) -> usize {
         self.st.hits.load(Ordering::SeqCst)
     }
