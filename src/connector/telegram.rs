@@ -557,4 +557,51 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("ops.parse_mode"));
         assert!(TelegramConnector::new(&ctx, &parse("bot_token = \"123:AA-b_c\"")).is_ok());
     }
+
+    #[test]
+    fn photo_captions_are_cut_to_1024_characters_and_sides_checked() {
+        let ctx = ProfileContext::new("telegram.conf", "ops");
+        let t = TelegramConnector::new(
+            &ctx,
+            &toml::from_str::<TelegramConfig>(
+                "bot_token = \"123:AA\"\ndisable_notification = true",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let img = |w, h| crate::connector::Image {
+            file_name: "card.png".into(),
+            mime: "image/png".into(),
+            width: w,
+            height: h,
+            bytes: b"\x89PNG".to_vec().into(),
+        };
+        let msg = |content: &str| OutboxMessage {
+            id: uuid::Uuid::new_v4(),
+            code: "c".into(),
+            agent_type: "api".into(),
+            agent: "telegram.agent".into(),
+            profile: "ops".into(),
+            address: Some("42".into()),
+            subject: None,
+            content: Some(content.into()),
+            label: None,
+            attempt: 1,
+            max_attempts: None,
+            priority: 0,
+            created: chrono::Utc::now(),
+            images: vec![std::sync::Arc::new(img(1080, 608))],
+        };
+        let long = "春".repeat(2000);
+        let f = t.photo_fields(&msg(&long), &img(1080, 608)).unwrap();
+        let caption = f["caption"].as_str().unwrap();
+        assert_eq!(caption.chars().count(), MAX_CAPTION_CHARS);
+        assert!(caption.ends_with("春…"));
+        assert_eq!(f["disable_notification"], true);
+        assert!(!f.contains_key("parse_mode"));
+        let f = t.photo_fields(&msg("  "), &img(1080, 608)).unwrap();
+        assert!(!f.contains_key("caption"), "no empty caption");
+        let e = t.photo_fields(&msg("x"), &img(9000, 1001)).unwrap_err();
+        assert_eq!(e.code(), codes::IMAGE_TOO_LARGE.code);
+    }
 }
