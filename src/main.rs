@@ -780,7 +780,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             if dry_run {
                 let p = outboxd::dispatch::retention::preview(&db, &r).await?;
-                println!("would clear the content of {} message(s)", p.content_rows);
+                println!(
+                    "would clear the content of {} message(s) ({} with a task's read-link body)",
+                    p.content_rows, p.task_body_rows
+                );
                 println!(
                     "would delete {} message(s) with their replies, attempts and history",
                     p.delete_rows

@@ -2,14 +2,26 @@
 //! box and nowhere else, wrapped lines within the box, the ellipsis at max lines, CJK drawn with
 //! the configured font (and through the fallback list), fonts parsed once per daemon; end to end
 //! through the daemon to the file connector (PNG next to the JSON line) and to an SMTP double
-//! (inline `cid:` picture + attachment).
+//! (inline `cid:` picture + attachment); and to the chat connectors that send pictures (WeCom
+//! app and robot, DingTalk app, Telegram) through their doubles: the bytes uploaded are the
+//! stored PNG, the send names the media id the double handed out, too-large pictures fail before
+//! any call, upload errors retry or fail by their class, and a failed send retried does not
+//! double the message.
 //!
 //! Needs the fonts `.ci/fonts` installs (WenQuanYi Zen Hei, DejaVu Sans): without them these
 //! tests fail, saying so.
 
+#[allow(dead_code)]
+#[path = "common/chat_double.rs"]
+mod chat_double;
 mod common;
+#[path = "common/dingtalk_double.rs"]
+mod dingtalk_double;
 #[path = "common/smtp.rs"]
 mod smtp_server;
+#[allow(dead_code)]
+#[path = "common/wechat_double.rs"]
+mod wechat_double;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -492,4 +504,422 @@ async fn smtp_sends_the_card_inline_and_attached() {
     );
     let raw = String::from_utf8_lossy(&mails[0].data);
     assert!(raw.contains("multipart/related"), "{raw:.1500}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Chat connectors
+// ------------------------------------------------------------------------------------------------
+
+const RETRY_FAST: &str = "retry = [\"20ms\", \"20ms\", \"20ms\"]\ntimeout = \"5s\"\n";
+
+/// The stored picture of a message: it is what every connector must have sent.
+async fn stored_png(c: &tokio_postgres::Client, id: uuid::Uuid) -> Vec<u8> {
+    let bytes: Vec<u8> = c
+        .query_one("SELECT bytes FROM api.message_image($1)", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    let img = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (1080, 608), "the shipped card");
+    bytes
+}
+
+/// A message built from the shipped card whose picture is already stored — `bytes` claimed to
+/// be `w`×`h` — so the daemon sends that instead of rendering (a picture too large to render
+/// cheaply). The message waits (send_at in the future) until the row is in.
+async fn send_stored_card(
+    c: &tokio_postgres::Client,
+    name: &str,
+    address: &str,
+    bytes: &[u8],
+    (w, h): (i32, i32),
+) -> uuid::Uuid {
+    let vars: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("conf/templates/card.vars.json").unwrap())
+            .unwrap();
+    let id: uuid::Uuid = c
+        .query_one(
+            "SELECT api.send_template(NULL, NULL, NULL, $1, $2, $3, pSendAt => now() + interval '1 hour')",
+            &[&address, &name, &vars],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.execute(
+        "INSERT INTO outbox.message_images (message_id, file_name, mime, width, height, bytes) \
+         VALUES ($1, 'card.png', 'image/png', $2, $3, $4)",
+        &[&id, &w, &h, &bytes],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "UPDATE outbox.messages SET send_at = NULL, next_attempt_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    // The daemon's wake-up (as submitting sends it).
+    c.execute("SELECT pg_notify('outbox', $1::text)", &[&id.to_string()])
+        .await
+        .unwrap();
+    id
+}
+
+/// A PNG signature followed by `n` bytes in all: looks like a PNG to a provider's type check.
+fn png_like(n: usize) -> Vec<u8> {
+    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+    b.resize(n, 0);
+    b
+}
+
+async fn final_state(c: &tokio_postgres::Client, id: uuid::Uuid) -> String {
+    wait_for(
+        T,
+        &format!("message {id} to be submitted or failed"),
+        || async {
+            let s = state_of(c, id).await;
+            (s == "submitted" || s == "failed").then_some(s)
+        },
+    )
+    .await
+}
+
+fn card_body() -> String {
+    std::fs::read_to_string("conf/templates/card.card.json").unwrap()
+}
+
+fn weixin_confs(d: &wechat_double::WeixinDouble) -> Vec<(&'static str, String)> {
+    let common = format!("base_url = \"{}\"\n{RETRY_FAST}", d.url);
+    vec![
+        (
+            "wecom",
+            format!(
+                "[default]\ncorpid = \"{}\"\ncorpsecret = \"{}\"\nagentid = {}\n{common}",
+                d.corpid, d.corpsecret, d.agentid
+            ),
+        ),
+        (
+            "wecombot",
+            format!("[default]\nkey = \"{}\"\n{common}", d.bot_key),
+        ),
+    ]
+}
+
+async fn weixin_daemon(db: &TestDb, d: &wechat_double::WeixinDouble) -> (TestConfig, Daemon) {
+    let confs = weixin_confs(d);
+    let list: Vec<(&str, &str)> = confs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut tc = TestConfig::new(db, &list);
+    tc.config.cards = cards_cfg();
+    let daemon = Daemon::start(tc.config.clone());
+    (tc, daemon)
+}
+
+/// WeCom app: the card is uploaded (`media/upload?type=image`, field `media`, the stored PNG
+/// with its name, type and length) and sent as `msgtype: image` with the media id the double
+/// returned, to the address; the alt text is not sent separately. A send that fails with a
+/// retryable errcode after a good upload is retried with the same media id: one upload, one
+/// message. Upload errors: -1 retries (`wecom-busy`), 48001 fails for good with nothing sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wecom_uploads_the_card_and_sends_it_by_media_id_once() {
+    let _g = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let d = wechat_double::WeixinDouble::start().await;
+    add_card(&c, "card", "wecom.agent", &card_body()).await;
+    let (_tc, daemon) = weixin_daemon(&db, &d).await;
+
+    // The send after the upload fails once (-1, busy), then goes.
+    d.script_wecom(&[-1]);
+    let id = send_card(&c, "card", "zhangsan").await;
+    assert_eq!(
+        final_state(&c, id).await,
+        "submitted",
+        "{:?}",
+        attempts(&c, id).await
+    );
+    assert_eq!(
+        attempts(&c, id).await,
+        vec![
+            (1, "retry".into(), Some("wecom-busy".into()), Some(200)),
+            (2, "done".into(), None, Some(200))
+        ]
+    );
+    let png = stored_png(&c, id).await;
+    let uploads = d.uploads();
+    assert_eq!(
+        uploads.len(),
+        1,
+        "the retry reused the media id: one upload"
+    );
+    assert_eq!(uploads[0].kind, "image");
+    assert_eq!(uploads[0].filename, "card.png");
+    assert_eq!(uploads[0].content_type, "image/png");
+    assert_eq!(uploads[0].filelength, Some(png.len()));
+    assert_eq!(uploads[0].bytes, png, "the stored picture, byte for byte");
+    let sent = d.wecom_sent();
+    assert_eq!(sent.len(), 1, "one message delivered: {sent:?}");
+    assert_eq!(sent[0]["msgtype"], "image");
+    assert_eq!(sent[0]["touser"], "zhangsan");
+    assert_eq!(sent[0]["agentid"], d.agentid);
+    assert_eq!(sent[0]["enable_duplicate_check"], 1);
+    let media_id = sent[0]["image"]["media_id"].as_str().unwrap();
+    assert!(media_id.starts_with("MEDIA-"), "{media_id}");
+
+    // Upload errors: -1 retries (then the upload and the send go), 48001 is permanent.
+    d.script_upload(&[-1]);
+    let retried = send_card(&c, "card", "lisi").await;
+    assert_eq!(final_state(&c, retried).await, "submitted");
+    assert_eq!(
+        attempts(&c, retried).await[0],
+        (1, "retry".into(), Some("wecom-busy".into()), Some(200))
+    );
+    assert_eq!(d.uploads().len(), 2);
+    d.script_upload(&[48001]);
+    let refused = send_card(&c, "card", "lisi").await;
+    assert_eq!(final_state(&c, refused).await, "failed");
+    assert_eq!(
+        attempts(&c, refused).await,
+        vec![(1, "failed".into(), Some("wecom-48001".into()), Some(200))]
+    );
+    assert_eq!(
+        d.wecom_sent().len(),
+        2,
+        "nothing sent for the refused upload"
+    );
+    daemon.stop().await;
+}
+
+/// WeCom robot: the card goes inline (`image.base64` of the stored PNG + its MD5, which the
+/// double checks); a picture over the robot's 2 MB — and one over WeCom's 10 MB for the app —
+/// fails with `image-too-large` before any request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wecombot_sends_the_card_inline_and_too_large_pictures_never_leave() {
+    use base64::Engine as _;
+    let _g = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let d = wechat_double::WeixinDouble::start().await;
+    add_card(&c, "botcard", "wecombot.agent", &card_body()).await;
+    add_card(&c, "appcard", "wecom.agent", &card_body()).await;
+    let (_tc, daemon) = weixin_daemon(&db, &d).await;
+    let id = send_card(&c, "botcard", "ignored").await;
+    assert_eq!(
+        final_state(&c, id).await,
+        "submitted",
+        "{:?}",
+        attempts(&c, id).await
+    );
+    let png = stored_png(&c, id).await;
+    let sent = d.bot_sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["msgtype"], "image");
+    let got = base64::engine::general_purpose::STANDARD
+        .decode(sent[0]["image"]["base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(got, png);
+    let img = image::load_from_memory(&got).unwrap();
+    assert_eq!((img.width(), img.height()), (1080, 608));
+
+    let hits = d.wecom_hits();
+    let big_bot = send_stored_card(
+        &c,
+        "botcard",
+        "x",
+        &png_like(2 * 1024 * 1024 + 1),
+        (1080, 608),
+    )
+    .await;
+    let big_app = send_stored_card(
+        &c,
+        "appcard",
+        "zhangsan",
+        &png_like(10 * 1024 * 1024 + 1),
+        (1080, 608),
+    )
+    .await;
+    for id in [big_bot, big_app] {
+        assert_eq!(final_state(&c, id).await, "failed");
+        assert_eq!(
+            attempts(&c, id).await,
+            vec![(1, "failed".into(), Some("image-too-large".into()), None)]
+        );
+    }
+    assert_eq!(
+        d.wecom_hits(),
+        hits,
+        "no request for a picture that is too large"
+    );
+    daemon.stop().await;
+}
+
+/// DingTalk app: the card is uploaded (`media/upload?type=image`, field `media`) and sent as a
+/// work notification `msgtype: image` with the returned media id; a send that fails with a
+/// retryable errcode is retried with the same media id (one upload, one task); an upload error
+/// retries (-1) or fails (40004 and other codes); over 20 MB is `image-too-large` with no call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dingtalk_uploads_the_card_and_sends_it_by_media_id_once() {
+    use dingtalk_double::*;
+    let _g = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let dd = DingtalkDouble::start().await;
+    let conf = format!(
+        "[default]\nappkey = \"{APP_KEY}\"\nappsecret = \"{APP_SECRET}\"\nagent_id = {AGENT_ID}\n\
+         endpoint = \"{}\"\nresult_polls = []\n{RETRY_FAST}",
+        dd.url
+    );
+    let mut tc = TestConfig::new(&db, &[("dingtalk", &conf)]);
+    tc.config.cards = cards_cfg();
+    add_card(&c, "card", "dingtalk.agent", &card_body()).await;
+    let daemon = Daemon::start(tc.config.clone());
+
+    dd.fail_sends(&[-1]);
+    let id = send_card(&c, "card", "users:alice,bob").await;
+    assert_eq!(
+        final_state(&c, id).await,
+        "submitted",
+        "{:?}",
+        attempts(&c, id).await
+    );
+    let a = attempts(&c, id).await;
+    assert_eq!(a.len(), 2, "{a:?}");
+    assert_eq!(a[0].1, "retry");
+    let png = stored_png(&c, id).await;
+    let uploads = dd.calls("/media/upload");
+    assert_eq!(uploads.len(), 1, "the retry reused the media id");
+    assert_eq!(uploads[0].query["type"], "image");
+    assert_eq!(uploads[0].media.as_deref(), Some(png.as_slice()));
+    let media_id = uploads[0].answer["media_id"].as_str().unwrap().to_string();
+    let sends: Vec<_> = dd
+        .calls("/topapi/message/corpconversation/asyncsend_v2")
+        .into_iter()
+        .filter(|c| c.answer["errcode"] == 0)
+        .collect();
+    assert_eq!(sends.len(), 1, "one task accepted");
+    assert_eq!(
+        sends[0].body["msg"],
+        json!({"msgtype": "image", "image": {"media_id": media_id}})
+    );
+    assert_eq!(sends[0].body["userid_list"], "alice,bob");
+
+    dd.fail_uploads(&[-1]);
+    let retried = send_card(&c, "card", "users:carol").await;
+    assert_eq!(final_state(&c, retried).await, "submitted");
+    assert_eq!(attempts(&c, retried).await[0].1, "retry");
+    dd.fail_uploads(&[40004]);
+    let refused = send_card(&c, "card", "users:carol").await;
+    assert_eq!(final_state(&c, refused).await, "failed");
+    assert_eq!(
+        attempts(&c, refused).await,
+        vec![(1, "failed".into(), Some("dingtalk-40004".into()), None)]
+    );
+
+    let calls = dd.all_calls().len();
+    let big = send_stored_card(
+        &c,
+        "card",
+        "users:dave",
+        &png_like(20 * 1024 * 1024 + 1),
+        (1080, 608),
+    )
+    .await;
+    assert_eq!(final_state(&c, big).await, "failed");
+    assert_eq!(
+        attempts(&c, big).await,
+        vec![(1, "failed".into(), Some("image-too-large".into()), None)]
+    );
+    assert_eq!(
+        dd.all_calls().len(),
+        calls,
+        "no request for a picture that is too large"
+    );
+    daemon.stop().await;
+}
+
+/// Telegram: `sendPhoto` with the stored PNG as `photo` and the alt text as the caption, one
+/// call; 429 retries after `retry_after`, a blocked chat fails (`telegram-403`); a photo whose
+/// sides exceed the Bot API's 10000 is `image-too-large` with no call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_sends_the_card_as_a_photo_with_its_caption() {
+    use chat_double::*;
+    let _g = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let tg = ChatDouble::start().await;
+    let conf = format!(
+        "[default]\nbot_token = \"{}\"\napi_url = \"{}\"\nparse_mode = \"MarkdownV2\"\n\
+         disable_notification = true\n{RETRY_FAST}",
+        tg.telegram_token, tg.url
+    );
+    let mut tc = TestConfig::new(&db, &[("telegram", &conf)]);
+    tc.config.cards = cards_cfg();
+    add_card(&c, "card", "telegram.agent", &card_body()).await;
+    let daemon = Daemon::start(tc.config.clone());
+
+    tg.script(Platform::Telegram, [Trouble::TelegramTooMany(1)]);
+    let id = send_card(&c, "card", "123456").await;
+    assert_eq!(
+        final_state(&c, id).await,
+        "submitted",
+        "{:?}",
+        attempts(&c, id).await
+    );
+    let a = attempts(&c, id).await;
+    assert_eq!(
+        a[0],
+        (1, "retry".into(), Some("telegram-429".into()), Some(429)),
+        "{a:?}"
+    );
+    let png = stored_png(&c, id).await;
+    let got = tg.got(Platform::Telegram);
+    assert_eq!(got.len(), 2, "the 429 and the photo");
+    let ok = &got[1];
+    assert!(ok.path.ends_with("/sendPhoto"), "{}", ok.path);
+    assert!(ok
+        .content_type
+        .starts_with("multipart/form-data; boundary="));
+    assert_eq!(ok.status, 200, "{}", ok.answer);
+    assert_eq!(ok.file.as_deref(), Some(png.as_slice()));
+    assert_eq!(ok.body["chat_id"], "123456");
+    assert_eq!(ok.body["disable_notification"], "true");
+    assert!(ok.body.get("parse_mode").is_none(), "alt text is plain");
+    let caption = ok.body["caption"].as_str().unwrap();
+    assert!(
+        caption.starts_with("春季新品发布会"),
+        "the card's alt text: {caption}"
+    );
+    let answer: serde_json::Value = serde_json::from_str(&ok.answer).unwrap();
+    let provider_id: Option<String> = c
+        .query_one(
+            "SELECT provider_message_id FROM outbox.attempts WHERE message_id = $1 AND outcome = 'done'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        provider_id,
+        Some(answer["result"]["message_id"].to_string())
+    );
+
+    let blocked = send_card(&c, "card", &BLOCKED_CHAT.to_string()).await;
+    assert_eq!(final_state(&c, blocked).await, "failed");
+    assert_eq!(
+        attempts(&c, blocked).await,
+        vec![(1, "failed".into(), Some("telegram-403".into()), Some(403))]
+    );
+
+    let n = tg.got(Platform::Telegram).len();
+    let huge = send_stored_card(&c, "card", "123456", &png_like(1000), (9000, 1001)).await;
+    assert_eq!(final_state(&c, huge).await, "failed");
+    assert_eq!(
+        attempts(&c, huge).await,
+        vec![(1, "failed".into(), Some("image-too-large".into()), None)]
+    );
+    assert_eq!(
+        tg.got(Platform::Telegram).len(),
+        n,
+        "no call for a photo too large"
+    );
+    daemon.stop().await;
 }

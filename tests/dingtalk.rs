@@ -465,7 +465,12 @@ async fn an_image_is_uploaded_first_and_sent_by_media_id() {
     let dd = DingtalkDouble::start().await;
     let (db, _tc, d) = setup(&[("dingtalk", dingtalk_conf(&dd))]).await;
     let c = db.client().await;
-    let png: Vec<u8> = (0u8..=255).cycle().take(3000).collect();
+    // PNG's signature first: the double checks an image's type as DingTalk does.
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n"
+        .iter()
+        .copied()
+        .chain((0u8..=255).cycle().take(3000))
+        .collect();
     let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
     let msg = json!({"msgtype":"image","image":{"base64": b64, "filename":"chart.png"}});
     let id: Uuid = c

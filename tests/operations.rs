@@ -367,3 +367,121 @@ async fn retention_clears_the_variables_of_templated_messages() {
         .get(0);
     assert_eq!(vars, serde_json::json!({}), "the one-time code is gone");
 }
+
+/// Retention's content step also clears what the tasks keep of a message (sql/017): the body
+/// stored for its read link (the read link then finds nothing, the read counts stay), its
+/// template variables and its picture; `retention_preview` (`purge --dry-run`) counts them, and a
+/// message with only a task body left counts as having content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_clears_task_bodies_variables_and_pictures() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "SELECT api.add_template('cover', 'text', 'Hi {{ name }}, read {{ read_url }}', NULL, 'file.agent'); \
+         SELECT api.add_template('page', 'html', '<p>Reset: {{ link }}</p>'); \
+         SELECT api.add_task('reset', 'cover', 'manual', '[\"a@b\"]', pBody => 'page');",
+    )
+    .await
+    .unwrap();
+    let run: i64 = c
+        .query_one("SELECT api.run_task('reset')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Three task messages: an old one with everything, an old one with only its body left, a
+    // fresh one.
+    let full = finished(&c, "done", "10 days").await;
+    let bare = finished(&c, "done", "10 days").await;
+    let fresh = finished(&c, "done", "1 hour").await;
+    c.execute(
+        "UPDATE outbox.messages SET content = NULL WHERE id = $1 OR parent = $1",
+        &[&bare],
+    )
+    .await
+    .unwrap();
+    for (i, id) in [full, bare, fresh].iter().enumerate() {
+        c.execute(
+            "INSERT INTO outbox.task_messages (message_id, run_id, address, read_token, body, read_count) \
+             VALUES ($1, $2, $3, $4, '<p>Reset: https://x/reset?k=SECRET</p>', 2)",
+            &[id, &run, &format!("r{i}@b"), &format!("token-{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    c.execute(
+        "INSERT INTO outbox.message_templates (message_id, template_version_id, vars) \
+         SELECT $1, v.id, '{\"name\": \"Ann\", \"link\": \"SECRET\"}' FROM outbox.template_versions v \
+           JOIN outbox.templates t ON t.id = v.template_id WHERE t.name = 'cover'",
+        &[&full],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO outbox.message_images (message_id, file_name, mime, width, height, bytes) \
+         VALUES ($1, 'card.png', 'image/png', 1, 1, '\\x89504e47')",
+        &[&full],
+    )
+    .await
+    .unwrap();
+
+    let r = Retention {
+        content_after: Some(Duration::from_secs(7 * 86400)),
+        delete_after: None,
+        batch_size: 10,
+        every: Duration::from_secs(3600),
+    };
+    let pool = db_of(&db.url);
+    let preview = retention::preview(&pool, &r).await.unwrap();
+    // full + its reply, bare (its reply has no content left): 3; two task bodies.
+    assert_eq!((preview.content_rows, preview.task_body_rows), (3, 2));
+
+    let done = retention::run_once(&pool, &r, &CancellationToken::new(), |_, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!(done.contents_cleared, 3);
+    let bodies = c
+        .query(
+            "SELECT message_id, body, read_count FROM outbox.task_messages ORDER BY address",
+            &[],
+        )
+        .await
+        .unwrap();
+    let bodies: Vec<(Uuid, Option<String>, i32)> = bodies
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(bodies[0], (full, None, 2), "body cleared, reads kept");
+    assert_eq!(bodies[1], (bare, None, 2));
+    assert_eq!(bodies[2].0, fresh);
+    assert!(bodies[2].1.is_some(), "the fresh body stays");
+    let vars: serde_json::Value = c
+        .query_one(
+            "SELECT vars FROM outbox.message_templates WHERE message_id = $1",
+            &[&full],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(vars, serde_json::json!({}));
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM outbox.message_images WHERE message_id = $1",
+            full
+        )
+        .await,
+        0,
+        "the picture goes with the variables"
+    );
+    // The read link of a cleared message finds nothing; the fresh one still serves its page.
+    for (token, found) in [("token-0", 0), ("token-1", 0), ("token-2", 1)] {
+        let n = c
+            .query("SELECT * FROM outbox.read_message($1)", &[&token])
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(n, found, "{token}");
+    }
+    let again = retention::preview(&pool, &r).await.unwrap();
+    assert_eq!((again.content_rows, again.task_body_rows), (0, 0));
+}

@@ -423,6 +423,8 @@ async fn wecom_files_are_uploaded_then_sent_by_media_id_and_a_stale_token_is_ref
         vec![Upload {
             kind: "file".into(),
             filename: "report.bin".into(),
+            content_type: "application/octet-stream".into(),
+            filelength: Some(file.len()),
             bytes: file
         }]
     );
@@ -440,7 +442,12 @@ async fn wecom_files_are_uploaded_then_sent_by_media_id_and_a_stale_token_is_ref
 async fn wecombot_image_md5_checks_out_and_45009_holds_the_message_a_minute() {
     let s = setup().await;
     let c = s.db.client().await;
-    let image: Vec<u8> = (0..5000u32).map(|i| (i % 256) as u8).collect();
+    // PNG's signature first: the double checks an image's type as WeCom does.
+    let image: Vec<u8> = b"\x89PNG\r\n\x1a\n"
+        .iter()
+        .copied()
+        .chain((0..5000u32).map(|i| (i % 256) as u8))
+        .collect();
     let img = one_id(
         &c,
         "SELECT id FROM api.send_wecombot_image('default', $1)",

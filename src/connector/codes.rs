@@ -124,6 +124,7 @@ codes! {
     CARD_SPEC = "card-spec", Permanent, "the picture card's spec is not valid, or names a font the daemon does not have";
     CARD_BACKGROUND = "card-background", Permanent, "the picture card's background image is missing or does not decode";
     CARD_STORE = "card-store", Retry, "the rendered picture could not be stored with the message";
+    IMAGE_TOO_LARGE = "image-too-large", Permanent, "the message's picture is larger than the chat provider takes (checked before any network call)";
 }
 
 /// The code of a family member: the family's prefix (up to `-<`) and `rest`

@@ -18,6 +18,10 @@
 //!
 //! Invariants: the access token, the secret and the per-request `sign` are scrubbed from every
 //! text a delivery produces; transport errors lose their URL.
+//!
+//! Picture cards are not sent as pictures: the robot shows a picture only by URL (`markdown`
+//! `![](url)`, `link.picUrl`; providers.md §2.4), and outboxd has no public URL for a rendered
+//! card, so a card message's picture is ignored and its content delivered as usual.
 
 use std::time::Duration;
 

@@ -14,6 +14,10 @@
 //! (`{"code":19021,"msg":"…"}`, older bots `StatusCode`), read with the toolkit's [`ErrorTable`]:
 //! `11232` (flow control) is "too fast", retried after [`FLOW_CONTROL_BLOCK`]; `2200` retries; the
 //! other codes fail as `feishu-<code>`.
+//!
+//! Picture cards are not sent as pictures: the bot's `msg_type: image` takes an `image_key`,
+//! which only the app API's image upload hands out (a webhook bot has no upload; providers.md
+//! §2.12), so a card message's picture is ignored and its content delivered as usual.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -15,6 +15,10 @@
 //! plain-text error (`404 channel_not_found`, `410 channel_is_archived`, `500 rollup_error`),
 //! classified by the status. HTTP 429, or the error `ratelimited`, is "too fast": retried after
 //! `Retry-After` (else [`DEFAULT_BLOCK`]).
+//!
+//! Picture cards are not sent as pictures: providers.md §2.6 gives `chat.postMessage` and
+//! incoming webhooks, neither of which uploads a file, so a card message's picture is ignored and
+//! its content delivered as usual.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,6 +7,15 @@
 //! `link_preview_options`…); the profile may give defaults for `parse_mode` and
 //! `disable_notification`. `result.message_id` is stored as the provider id.
 //!
+//! **Picture cards**: a message with a picture ([`OutboxMessage::images`], a rendered card) is sent
+//! with `sendPhoto` instead — one `multipart/form-data` call (`chat_id`, `caption`,
+//! `disable_notification` from the profile, the file as `photo`), the message's text (the card's
+//! alt text) as the photo's caption, plain (no `parse_mode`: alt text is not markup), cut to
+//! Telegram's 1024 characters with `…`. The Bot API's limits for photos — at most 10 MB, width +
+//! height at most 10000 — are checked before the call (`image-too-large`). One call, so a retry
+//! never doubles anything; its errors are `sendMessage`'s. (The Bot API's `sendPhoto` is not in
+//! providers.md; its fields and limits are the Bot API documentation's.)
+//!
 //! A group that became a supergroup answers 400 with `parameters.migrate_to_chat_id`: the message
 //! is sent once more, at once and within the same delivery, to the new chat id, and the move is
 //! recorded as the delivery's reply — an inbox message whose parent is the outbox message, content
@@ -33,8 +42,10 @@ use super::provider::body::{Class, ErrorTable, Field};
 use super::provider::content::{
     bad_content, check_string, check_type, object_or_text, set_recipient,
 };
+use super::provider::media::{self, Limits, PNG_JPEG};
+use super::provider::multipart;
 use super::provider::status::{classify_status_with, retry_after_in_body};
-use super::provider::{http_client_builder, parse_retry_after, read_response};
+use super::provider::{http_client_builder, json_scalar, parse_retry_after, read_response};
 use super::redact::{self, Redactor};
 use super::{codes, Connector, DeliveryError, OutboxMessage, Receipt};
 use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
@@ -52,6 +63,17 @@ pub const MAX_TEXT_CHARS: usize = 4096;
 const RETRY_AFTER: &str = "/parameters/retry_after";
 /// Enough for any Bot API answer; a larger body is cut, not buffered whole.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// `sendPhoto`'s `photo`: at most 10 MB (the Bot API's limit for photos sent as files).
+const PICTURES: Limits = Limits {
+    provider: "Telegram",
+    max_bytes: 10 * 1024 * 1024,
+    types: PNG_JPEG,
+};
+/// A photo's width + height, at most (the Bot API).
+const MAX_PHOTO_SIDES: u32 = 10_000;
+/// A caption's length, in characters (the Bot API).
+pub const MAX_CAPTION_CHARS: usize = 1024;
 
 /// `error_code` is an HTTP status: 429 and 5xx retry, the others are permanent.
 const ERRORS: ErrorTable = ErrorTable {
@@ -99,6 +121,8 @@ pub struct TelegramConnector {
     client: reqwest::Client,
     /// `…/bot<token>/sendMessage`: a credential.
     url: Secret,
+    /// `…/bot<token>/sendPhoto`: a credential.
+    photo_url: Secret,
     parse_mode: Option<String>,
     disable_notification: Option<bool>,
     redactor: Redactor,
@@ -146,6 +170,7 @@ impl TelegramConnector {
         let base = cfg.api_url.as_deref().unwrap_or(DEFAULT_API_URL);
         url::Url::parse(base).map_err(|e| ctx.error("api_url", format!("invalid URL: {e}")))?;
         let url = format!("{}/bot{t}/sendMessage", base.trim_end_matches('/'));
+        let photo_url = format!("{}/bot{t}/sendPhoto", base.trim_end_matches('/'));
         let mut redactor = Redactor::new();
         redactor.add(t);
         if let Ok(u) = url::Url::parse(&url) {
@@ -160,41 +185,65 @@ impl TelegramConnector {
             name: format!("telegram/{}", ctx.profile),
             client,
             url: Secret::new(url),
+            photo_url: Secret::new(photo_url),
             parse_mode: cfg.parse_mode.clone(),
             disable_notification: cfg.disable_notification,
             redactor,
         })
     }
 
-    async fn send(&self, body: &Map<String, Value>) -> Result<Sent, DeliveryError> {
-        let resp = self
-            .client
-            .post(self.url.expose())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(serde_json::to_vec(body).expect("a JSON object serializes"))
-            .send()
-            .await
-            .map_err(|e| redact::send_error(&e))?;
+    /// `sendMessage` with `body`, or `sendPhoto` with `body`'s fields and `photo`.
+    async fn send(
+        &self,
+        body: &Map<String, Value>,
+        photo: Option<&super::Image>,
+    ) -> Result<Sent, DeliveryError> {
+        let req = match photo {
+            None => self
+                .client
+                .post(self.url.expose())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(body).expect("a JSON object serializes")),
+            Some(img) => {
+                let fields: Vec<(&str, String)> = body
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), json_scalar(v)))
+                    .collect();
+                let fields: Vec<(&str, &str)> =
+                    fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let (ct, form) =
+                    multipart::form(&fields, "photo", &img.file_name, &img.mime, &img.bytes);
+                self.client
+                    .post(self.photo_url.expose())
+                    .header(reqwest::header::CONTENT_TYPE, ct)
+                    .body(form)
+            }
+        };
+        let resp = req.send().await.map_err(|e| redact::send_error(&e))?;
         let (status, headers, text) = read_response(resp, MAX_RESPONSE_BYTES).await?;
         answer(status, &headers, &text)
     }
 
     async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let chat = chat_id(msg.address_required()?)?;
-        let mut body = payload(
-            msg.content_required()?,
-            self.parse_mode.as_deref(),
-            self.disable_notification,
-        )?;
+        let photo = media::picture(msg, &PICTURES)?;
+        let mut body = match photo {
+            Some(img) => self.photo_fields(msg, img)?,
+            None => payload(
+                msg.content_required()?,
+                self.parse_mode.as_deref(),
+                self.disable_notification,
+            )?,
+        };
         set_recipient(&mut body, "chat_id", chat.clone())?;
-        let new = match self.send(&body).await? {
+        let new = match self.send(&body, photo).await? {
             Sent::Delivered(id, status) => return Ok(receipt(id, status, None)),
             Sent::Moved(new) => new,
         };
         // The group became a supergroup: the same message, once, to its new id.
         body.insert("chat_id".into(), new.into());
         let moved = format!("the chat {chat} became {new}");
-        match self.send(&body).await {
+        match self.send(&body, photo).await {
             Ok(Sent::Delivered(id, status)) => {
                 tracing::info!(message_id = %msg.id, profile = %msg.profile, connector = %self.name, from_chat_id = %chat, migrate_to_chat_id = new, "the Telegram group became a supergroup; delivered to its new chat id");
                 let reply = json!({
@@ -212,6 +261,40 @@ impl TelegramConnector {
             .with_status(400u16)),
             Err(e) => Err(noted(e, &moved)),
         }
+    }
+}
+
+impl TelegramConnector {
+    /// `sendPhoto`'s text fields for a picture: the caption (the message's text, cut to 1024
+    /// characters) and the profile's `disable_notification`; the photo's sides checked.
+    fn photo_fields(
+        &self,
+        msg: &OutboxMessage,
+        img: &super::Image,
+    ) -> Result<Map<String, Value>, DeliveryError> {
+        if img.width + img.height > MAX_PHOTO_SIDES {
+            return Err(DeliveryError::permanent(
+                codes::IMAGE_TOO_LARGE.code,
+                format!(
+                    "the picture {} is {}×{}; Telegram takes width + height up to {MAX_PHOTO_SIDES}",
+                    img.file_name, img.width, img.height
+                ),
+            ));
+        }
+        let mut body = Map::new();
+        if let Some(text) = media::caption(msg) {
+            let caption = if text.chars().count() > MAX_CAPTION_CHARS {
+                let cut: String = text.chars().take(MAX_CAPTION_CHARS - 1).collect();
+                format!("{cut}…")
+            } else {
+                text.to_string()
+            };
+            body.insert("caption".into(), caption.into());
+        }
+        if let Some(d) = self.disable_notification {
+            body.insert("disable_notification".into(), d.into());
+        }
+        Ok(body)
     }
 }
 
@@ -473,5 +556,52 @@ mod tests {
             .unwrap();
         assert_eq!(e.key.as_deref(), Some("ops.parse_mode"));
         assert!(TelegramConnector::new(&ctx, &parse("bot_token = \"123:AA-b_c\"")).is_ok());
+    }
+
+    #[test]
+    fn photo_captions_are_cut_to_1024_characters_and_sides_checked() {
+        let ctx = ProfileContext::new("telegram.conf", "ops");
+        let t = TelegramConnector::new(
+            &ctx,
+            &toml::from_str::<TelegramConfig>(
+                "bot_token = \"123:AA\"\ndisable_notification = true",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let img = |w, h| crate::connector::Image {
+            file_name: "card.png".into(),
+            mime: "image/png".into(),
+            width: w,
+            height: h,
+            bytes: b"\x89PNG".to_vec().into(),
+        };
+        let msg = |content: &str| OutboxMessage {
+            id: uuid::Uuid::new_v4(),
+            code: "c".into(),
+            agent_type: "api".into(),
+            agent: "telegram.agent".into(),
+            profile: "ops".into(),
+            address: Some("42".into()),
+            subject: None,
+            content: Some(content.into()),
+            label: None,
+            attempt: 1,
+            max_attempts: None,
+            priority: 0,
+            created: chrono::Utc::now(),
+            images: vec![std::sync::Arc::new(img(1080, 608))],
+        };
+        let long = "春".repeat(2000);
+        let f = t.photo_fields(&msg(&long), &img(1080, 608)).unwrap();
+        let caption = f["caption"].as_str().unwrap();
+        assert_eq!(caption.chars().count(), MAX_CAPTION_CHARS);
+        assert!(caption.ends_with("春…"));
+        assert_eq!(f["disable_notification"], true);
+        assert!(!f.contains_key("parse_mode"));
+        let f = t.photo_fields(&msg("  "), &img(1080, 608)).unwrap();
+        assert!(!f.contains_key("caption"), "no empty caption");
+        let e = t.photo_fields(&msg("x"), &img(9000, 1001)).unwrap_err();
+        assert_eq!(e.code(), codes::IMAGE_TOO_LARGE.code);
     }
 }

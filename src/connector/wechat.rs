@@ -27,6 +27,10 @@
 //!
 //! The helpers [`answer`] and [`TokenRequest`] are shared with the WeCom connectors (`wecom`,
 //! `wecombot`): the same Tencent `errcode` answers and token endpoints.
+//!
+//! Picture cards are not sent as pictures: a template message (providers.md §2.1) carries no
+//! image, so a card message's picture is ignored and its content read as usual (a card's plain
+//! alt text is not a template message: `bad-content`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -17,6 +17,15 @@
 //! `|`; an array is joined), else the message's address; `toparty`, `totag` likewise (strings or
 //! arrays). At least one is required (`bad-address`).
 //!
+//! **Picture cards**: a message with a picture ([`OutboxMessage::images`], a rendered card) is sent
+//! as that picture — `media/upload?type=image` (field `media`, PNG/JPEG up to 10 MB, WeCom's
+//! limit; larger is `image-too-large` before any call), then one `msgtype: image` message with the
+//! returned `media_id` to the message's address (`touser`, ids joined by `|`). The content (the
+//! card's alt text) is not sent as a second message: WeCom's image message has no caption, the
+//! text is drawn on the card, and a second send could double the picture when the text failed
+//! and the message was retried. A retry after a failed send reuses the media id (valid 3 days;
+//! kept a day, in memory), so it is the same request JSON, which the duplicate check covers.
+//!
 //! `enable_duplicate_check: 1` (with `duplicate_check_interval`, default 1800 s) is on unless the
 //! profile turns it off: a retry of the same message is the same request JSON, which WeCom then
 //! sends once. (WeCom compares the JSON, so two messages with identical content and recipients
@@ -46,6 +55,7 @@ use serde_json::{json, Map, Value};
 
 use super::codes;
 use super::provider::body::{Class, ErrorTable};
+use super::provider::media::{self, Limits, MediaIds, PNG_JPEG};
 use super::provider::multipart::file_form;
 use super::provider::token::call_with_token;
 use super::provider::{json_scalar, truncate};
@@ -64,6 +74,14 @@ const MAX_TEXT_BYTES: usize = 2048;
 /// How long WeCom's 45009 (frequency limit) holds the profile back: it names no time, and its
 /// limits are per minute.
 const TOO_FAST_BLOCK: Duration = Duration::from_secs(60);
+/// `media/upload?type=image`: JPG/PNG up to 10 MB (WeCom's media doc).
+const PICTURES: Limits = Limits {
+    provider: "WeCom",
+    max_bytes: 10 * 1024 * 1024,
+    types: PNG_JPEG,
+};
+/// How long an uploaded picture's media id is reused for retries (WeCom keeps it 3 days).
+const MEDIA_ID_LIFE: Duration = Duration::from_secs(86400);
 /// The reply fields that list recipients WeCom did not deliver to.
 const INVALID_LISTS: [&str; 4] = [
     "invaliduser",
@@ -105,6 +123,8 @@ pub struct WecomConnector {
     duplicate_check: Option<u64>,
     tokens: Arc<TokenCache>,
     redactor: Redactor,
+    /// Media ids of pictures whose send is still to succeed.
+    media: MediaIds,
 }
 
 /// The `errcode`s of `message/send` and `media/upload` (providers.md §2.2, §3.3).
@@ -171,6 +191,7 @@ impl WecomConnector {
                 .then_some(interval.as_secs()),
             tokens: token::shared(&key, || TokenCache::new(source)),
             redactor,
+            media: MediaIds::new(MEDIA_ID_LIFE),
         })
     }
 }
@@ -406,10 +427,48 @@ impl WecomConnector {
         Ok((status.as_u16(), v))
     }
 
+    /// A picture card: the picture uploaded (or its media id kept from a failed send), then one
+    /// image message to the address.
+    async fn deliver_picture(
+        &self,
+        msg: &OutboxMessage,
+        img: &super::Image,
+    ) -> Result<Receipt, DeliveryError> {
+        let touser = recipients(&json!(msg.address.as_deref().unwrap_or("")), "address")?
+            .ok_or_else(|| {
+                DeliveryError::permanent(
+                    codes::BAD_ADDRESS.code,
+                    "a picture goes to the message's address (touser), which is empty",
+                )
+            })?;
+        let upload = media::upload(
+            img,
+            "media",
+            "/media_id",
+            |ct, form| async move {
+                let (_, v) = self
+                    .call("/cgi-bin/media/upload", &[("type", "image")], &ct, form)
+                    .await?;
+                Ok(v)
+            },
+            |r| DeliveryError::retry(codes::WECOM_BAD_RESPONSE.code, format!("media/upload: {r}")),
+        );
+        let id = self.media.get_or_upload(msg.id, upload).await?;
+        let body = json!({"msgtype": "image", "image": {"media_id": id}, "touser": touser});
+        let r = self.send(msg, body).await;
+        if !matches!(&r, Err(e) if e.is_retry()) {
+            self.media.forget(msg.id);
+        }
+        r
+    }
+
     async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
+        if let Some(img) = media::picture(msg, &PICTURES)? {
+            return self.deliver_picture(msg, img).await;
+        }
         let (mut body, upload) = build_body(msg.content_required()?, msg.address.as_deref())?;
         if let Some(u) = upload {
-            let (ct, form) = file_form("media", &u.filename, "application/octet-stream", &u.bytes);
+            let (ct, form) = file_form("media", &u.filename, media::mime_of(&u.filename), &u.bytes);
             let (_, v) = self
                 .call("/cgi-bin/media/upload", &[("type", u.kind)], &ct, form)
                 .await?;
@@ -424,6 +483,11 @@ impl WecomConnector {
             })?;
             body[u.kind] = json!({ "media_id": id });
         }
+        self.send(msg, body).await
+    }
+
+    /// `message/send` of `body` (with the profile's `agentid` and duplicate check added).
+    async fn send(&self, msg: &OutboxMessage, mut body: Value) -> Result<Receipt, DeliveryError> {
         body["agentid"] = json!(self.agentid);
         if let Some(interval) = self.duplicate_check {
             body["enable_duplicate_check"] = json!(1);

@@ -12,6 +12,13 @@
 //!                                            "picurl": "…"}]}}
 //! ```
 //!
+//! **Picture cards**: a message with a picture ([`OutboxMessage::images`], a rendered card) is sent
+//! as one `msgtype: image` message carrying the picture inline (`image.base64` + `image.md5` of
+//! the raw bytes; the robot has no upload for images). JPG/PNG up to 2 MB before base64 (WeCom's
+//! robot doc); larger is `image-too-large` before any call. The content (the card's alt text) is
+//! not sent as a second message: the robot's image has no caption, the text is drawn on the card,
+//! and a second send could double the picture when the text failed and the message was retried.
+//!
 //! For an image the connector adds `md5`: the hex MD5 of the decoded bytes, as WeCom checks it
 //! (an `md5` given in the content must match). Text content is at most 2048 bytes.
 //!
@@ -32,6 +39,7 @@ use serde_json::{json, Map, Value};
 
 use super::codes;
 use super::provider::body::{Class, ErrorTable};
+use super::provider::media::{self, Limits, PNG_JPEG};
 use super::provider::read_response;
 use super::redact::{self, Redactor};
 use super::wechat::{
@@ -43,6 +51,12 @@ use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 
 const DEFAULT_BASE_URL: &str = "https://qyapi.weixin.qq.com";
 const MAX_TEXT_BYTES: usize = 2048;
+/// The robot's image: JPG/PNG, at most 2 MB before base64.
+const PICTURES: Limits = Limits {
+    provider: "the WeCom robot",
+    max_bytes: 2 * 1024 * 1024,
+    types: PNG_JPEG,
+};
 /// How long a 45009 holds the profile back: the robot's limit is per minute.
 const TOO_FAST_BLOCK: Duration = Duration::from_secs(60);
 
@@ -177,6 +191,16 @@ fn build_body(content: &str) -> Result<Value, DeliveryError> {
                 return Err(bad_content("image.base64 is empty"));
             }
             let md5 = md5_hex(&bytes);
+            if bytes.len() > PICTURES.max_bytes {
+                return Err(DeliveryError::permanent(
+                    codes::IMAGE_TOO_LARGE.code,
+                    format!(
+                        "image is {} bytes; the WeCom robot takes at most {}",
+                        bytes.len(),
+                        PICTURES.max_bytes
+                    ),
+                ));
+            }
             if let Some(given) = part.get("md5").and_then(Value::as_str) {
                 if !given.eq_ignore_ascii_case(&md5) {
                     return Err(bad_content(format!(
@@ -225,7 +249,11 @@ impl Connector for WecombotConnector {
 
 impl WecombotConnector {
     async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
-        let body = build_body(msg.content_required()?)?;
+        let body = match media::picture(msg, &PICTURES)? {
+            Some(img) => json!({"msgtype": "image", "image": {
+                "base64": B64.encode(&img.bytes), "md5": md5_hex(&img.bytes)}}),
+            None => build_body(msg.content_required()?)?,
+        };
         let resp = self
             .client
             .post(&self.url)

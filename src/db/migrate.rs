@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (14, "cards", include_str!("../../sql/014_cards.sql")),
     (15, "tasks", include_str!("../../sql/015_tasks.sql")),
+    (
+        17,
+        "card_media",
+        include_str!("../../sql/017_card_media.sql"),
+    ),
     (18, "dd_center", include_str!("../../sql/018_dd_center.sql")),
 ];
 

@@ -1,6 +1,9 @@
 //! Retention: clears the content of finished messages after `content_after` and deletes them (with
 //! replies, attempts and history) after `delete_after`, in batches of `batch_size` messages, each
-//! batch one short transaction (`outbox.clear_content`, `outbox.purge_batch` of sql/005).
+//! batch one short transaction (`outbox.clear_content`, `outbox.purge_batch` of sql/005). The
+//! content step clears everything that repeats what a message said: its content, its template
+//! variables (and so its rendered picture, sql/014) and the read-link body a task stored for it
+//! (sql/017).
 //!
 //! Invariants: only one daemon purges at a time (each batch takes a transaction-level advisory
 //! lock; a daemon that finds it taken stops this round and tries again at the next); no batch holds
@@ -32,8 +35,11 @@ pub struct Purged {
 /// What a round would touch now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Preview {
+    /// Messages whose content, template variables or task body the content step would clear.
     pub content_rows: i64,
     pub delete_rows: i64,
+    /// Of those, the task messages whose read-link body would be cleared (sql/017).
+    pub task_body_rows: i64,
 }
 
 fn interval(d: Duration) -> String {
@@ -105,13 +111,15 @@ pub async fn preview(db: &Db, r: &Retention) -> Result<Preview, DbError> {
         let c = db.pool().get().await?;
         let row = c
             .query_one(
-                "SELECT content_rows, delete_rows FROM outbox.retention_preview($1::text::interval, $2::text::interval)",
+                "SELECT content_rows, delete_rows, task_body_rows \
+                 FROM outbox.retention_preview($1::text::interval, $2::text::interval)",
                 &[&content, &delete],
             )
             .await?;
         Ok(Preview {
             content_rows: row.get(0),
             delete_rows: row.get(1),
+            task_body_rows: row.get(2),
         })
     })
     .await

@@ -18,6 +18,13 @@
 //!   `text` required, `parse_mode` one of the three; chats: positive ids and `@outboxd_test` exist,
 //!   [`BLOCKED_CHAT`] → 403 blocked, [`OLD_GROUP`] → 400 with `migrate_to_chat_id` =
 //!   [`SUPERGROUP`], which exists; others 400 `chat not found`. OK: `result.message_id` from 42 on.
+//!   `POST /bot<token>/sendPhoto` (Bot API) takes `multipart/form-data`: text fields `chat_id`,
+//!   optional `caption` (≤ 1024 characters, else 400 `message caption is too long`) and
+//!   `disable_notification`, and the file part `photo` (with a filename; missing → 400 `there is no
+//!   photo in the request`), which must be a PNG or JPEG (else 400 `IMAGE_PROCESS_FAILED`) of at
+//!   most 10 MB (else 400 `file is too big`); same chats, scripts and answers, with
+//!   `result.photo` and `result.caption`. The request's text fields are kept as [`Got::body`],
+//!   the photo's bytes as [`Got::file`].
 //!
 //! Transient answers (rate limits, internal errors) are scripted per platform and used in order
 //! by the next well-formed, authorised requests.
@@ -73,6 +80,8 @@ pub struct Got {
     pub authorization: Option<String>,
     pub content_type: String,
     pub body: Value,
+    /// The file part of a multipart request (Telegram's `photo`).
+    pub file: Option<Vec<u8>>,
     /// The HTTP status it was answered with.
     pub status: u16,
     /// What it was answered, as text.
@@ -183,7 +192,7 @@ async fn handle(
     axum::extract::State(st): axum::extract::State<Arc<St>>,
     uri: Uri,
     headers: HeaderMap,
-    body: String,
+    body: axum::body::Bytes,
 ) -> Response {
     let path = uri.path().to_string();
     let platform = if path.starts_with("/api/") {
@@ -195,12 +204,20 @@ async fn handle(
     } else {
         Platform::Telegram
     };
-    let parsed: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let (parsed, file) = match content_type.strip_prefix("multipart/form-data; boundary=") {
+        Some(boundary) => form_parts(boundary, &body),
+        None => (serde_json::from_slice(&body).unwrap_or(Value::Null), None),
+    };
     let (status, extra, answer) = match platform {
         Platform::SlackApi => slack_api(&st, &path, &headers, &parsed),
         Platform::SlackHook => slack_hook(&st, &path, &parsed),
         Platform::Feishu => feishu(&st, &path, &parsed),
-        Platform::Telegram => telegram(&st, &path, &parsed),
+        Platform::Telegram => telegram(&st, &path, &parsed, file.as_deref()),
     };
     st.got.lock().unwrap().push(Got {
         platform,
@@ -209,12 +226,9 @@ async fn handle(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
-        content_type: headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+        content_type,
         body: parsed,
+        file,
         status,
         answer: answer.clone(),
     });
@@ -232,6 +246,55 @@ async fn handle(
 }
 
 type Answer = (u16, Vec<(&'static str, String)>, String);
+
+/// A `multipart/form-data` body: its text fields as a JSON object of strings, and the bytes of
+/// its file part (the one with a filename; its field name under `"_file_field"`).
+fn form_parts(boundary: &str, body: &[u8]) -> (Value, Option<Vec<u8>>) {
+    let delim = format!("--{boundary}");
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + from)
+    };
+    let mut fields = serde_json::Map::new();
+    let mut file = None;
+    let Some(mut pos) = find(body, delim.as_bytes(), 0) else {
+        return (Value::Null, None);
+    };
+    loop {
+        let start = pos + delim.len();
+        if body[start..].starts_with(b"--") {
+            break;
+        }
+        let Some(next) = find(body, delim.as_bytes(), start) else {
+            break;
+        };
+        let part = &body[start..next];
+        let part = part.strip_prefix(b"\r\n").unwrap_or(part);
+        let part = part.strip_suffix(b"\r\n").unwrap_or(part);
+        let Some(split) = find(part, b"\r\n\r\n", 0) else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&part[..split]).to_string();
+        let data = &part[split + 4..];
+        let param = |name: &str| {
+            let start = head.find(&format!("{name}=\""))? + name.len() + 2;
+            let end = head[start..].find('"')? + start;
+            Some(head[start..end].to_string())
+        };
+        if let Some(name) = param("name") {
+            if param("filename").is_some() {
+                fields.insert("_file_field".into(), name.into());
+                file = Some(data.to_vec());
+            } else {
+                fields.insert(name, String::from_utf8_lossy(data).into());
+            }
+        }
+        pos = next;
+    }
+    (Value::Object(fields), file)
+}
 
 fn slack_error(e: &str) -> Answer {
     (200, vec![], json!({"ok": false, "error": e}).to_string())
@@ -390,13 +453,15 @@ fn telegram_error(code: u16, description: &str, parameters: Option<Value>) -> An
     (code, vec![], v.to_string())
 }
 
-fn telegram(st: &St, path: &str, b: &Value) -> Answer {
+fn telegram(st: &St, path: &str, b: &Value, file: Option<&[u8]>) -> Answer {
     let Some(rest) = path.strip_prefix(&format!("/bot{}/", st.telegram_token)) else {
         return telegram_error(401, "Unauthorized", None);
     };
-    if rest != "sendMessage" {
-        return telegram_error(404, "Not Found", None);
-    }
+    let photo = match rest {
+        "sendMessage" => false,
+        "sendPhoto" => true,
+        _ => return telegram_error(404, "Not Found", None),
+    };
     let chat = match &b["chat_id"] {
         Value::Number(n) => n.as_i64().map(|n| n.to_string()),
         Value::String(s) if !s.is_empty() => Some(s.clone()),
@@ -405,7 +470,23 @@ fn telegram(st: &St, path: &str, b: &Value) -> Answer {
     let Some(chat) = chat else {
         return telegram_error(400, "Bad Request: chat_id is empty", None);
     };
-    if !b["text"].as_str().is_some_and(|t| !t.trim().is_empty()) {
+    if photo {
+        let Some(bytes) = file.filter(|_| b["_file_field"] == "photo") else {
+            return telegram_error(400, "Bad Request: there is no photo in the request", None);
+        };
+        if !(bytes.starts_with(b"\x89PNG\r\n\x1a\n") || bytes.starts_with(b"\xff\xd8\xff")) {
+            return telegram_error(400, "Bad Request: IMAGE_PROCESS_FAILED", None);
+        }
+        if bytes.len() > 10 * 1024 * 1024 {
+            return telegram_error(400, "Bad Request: file is too big", None);
+        }
+        if b["caption"]
+            .as_str()
+            .is_some_and(|c| c.chars().count() > 1024)
+        {
+            return telegram_error(400, "Bad Request: message caption is too long", None);
+        }
+    } else if !b["text"].as_str().is_some_and(|t| !t.trim().is_empty()) {
         return telegram_error(400, "Bad Request: message text is empty", None);
     }
     if let Some(p) = b.get("parse_mode").filter(|p| !p.is_null()) {
@@ -442,15 +523,23 @@ fn telegram(st: &St, path: &str, b: &Value) -> Answer {
         Some(i) => json!({"id": i, "type": if i > 0 { "private" } else { "supergroup" }}),
         None => json!({"id": -1_000_000_000_777i64, "type": "channel", "username": "outboxd_test"}),
     };
-    let answer = json!({
+    let mut answer = json!({
         "ok": true,
         "result": {
             "message_id": n,
             "from": {"id": 7000000, "is_bot": true, "first_name": "outboxd test"},
             "chat": chat_json,
             "date": chrono::Utc::now().timestamp(),
-            "text": b["text"],
         }
     });
+    if photo {
+        answer["result"]["photo"] = json!([{"file_id": format!("PHOTO-{n}"),
+            "file_unique_id": format!("u{n}"), "file_size": file.map_or(0, <[u8]>::len)}]);
+        if let Some(c) = b.get("caption") {
+            answer["result"]["caption"] = c.clone();
+        }
+    } else {
+        answer["result"]["text"] = b["text"].clone();
+    }
     (200, vec![], answer.to_string())
 }

@@ -13,7 +13,10 @@
 //!   recipient (1430000), known task ids, chat ids and media ids. getsendresult sorts users by
 //!   name: `ghost*` invalid, `busy*` forbidden (143105), `fail*` failed, the rest unread.
 //!   `fail_next(path, errcode, errmsg)` answers the next authorized call of `path` with that
-//!   error (a refusal the double has no rule for, e.g. chat/create's unknown owner).
+//!   error (a refusal the double has no rule for, e.g. chat/create's unknown owner). An
+//!   `image` upload must be JPG, GIF, PNG or BMP (by its first bytes; else 40005) of at most
+//!   20 MB (else 40006). `fail_uploads` / `fail_sends` script the next uploads' / work
+//!   notifications' errcodes.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashSet};
@@ -59,6 +62,9 @@ struct Inner {
     tasks: BTreeMap<String, Value>,
     chats: BTreeMap<String, Value>,
     media: BTreeMap<String, Vec<u8>>,
+    /// Errcodes the next uploads / work notifications answer (after their checks).
+    upload_errors: std::collections::VecDeque<i64>,
+    send_errors: std::collections::VecDeque<i64>,
     /// Echo the received query in robot error messages (a provider that leaks: redaction test).
     echo: bool,
     /// The next call of a path answers this error.
@@ -167,6 +173,16 @@ impl DingtalkDouble {
             .insert(path.to_string(), err(code, msg));
     }
 
+    /// The next uploads answer these errcodes, in order (after the token and form checks).
+    pub fn fail_uploads(&self, codes: &[i64]) {
+        self.inner.lock().unwrap().upload_errors.extend(codes);
+    }
+
+    /// The next work notifications answer these errcodes, in order (after their checks).
+    pub fn fail_sends(&self, codes: &[i64]) {
+        self.inner.lock().unwrap().send_errors.extend(codes);
+    }
+
     pub fn echo_queries(&self) {
         self.inner.lock().unwrap().echo = true;
     }
@@ -243,6 +259,24 @@ async fn handle(
                 "/media/upload" => {
                     media = multipart_part(&content_type, &body, "media");
                     match (&media, query.get("type").map(String::as_str)) {
+                        // Images: jpg, gif, png or bmp, at most 20 MB.
+                        (Some(m), Some("image"))
+                            if !m.is_empty()
+                                && ![&b"\x89PNG"[..], b"\xff\xd8", b"GIF8", b"BM"]
+                                    .iter()
+                                    .any(|magic| m.starts_with(magic)) =>
+                        {
+                            err(40005, "不合法的文件类型")
+                        }
+                        (Some(m), Some("image")) if m.len() > 20 * 1024 * 1024 => {
+                            err(40006, "不合法的文件大小")
+                        }
+                        (Some(m), Some("image" | "voice" | "video" | "file"))
+                            if !m.is_empty() && !i.upload_errors.is_empty() =>
+                        {
+                            let code = i.upload_errors.pop_front().unwrap();
+                            err(code, &format!("scripted {code}"))
+                        }
                         (Some(m), Some("image" | "voice" | "video" | "file")) if !m.is_empty() => {
                             i.next += 1;
                             let id = format!("@lAXP{}", i.next);
@@ -361,6 +395,9 @@ fn app_call(i: &mut Inner, path: &str, b: &Value) -> Value {
                 .unwrap_or(false);
             if users.is_empty() && depts.is_empty() && !all {
                 return err(1430000, "接收者为空");
+            }
+            if let Some(code) = i.send_errors.pop_front() {
+                return err(code, &format!("scripted {code}"));
             }
             i.next += 1;
             let task = 256271667500 + i.next;

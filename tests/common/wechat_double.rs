@@ -9,11 +9,13 @@
 //!   token, 47003 for a malformed body, sends a (touser, client_msg_id) pair once.
 //! - WeCom: `GET /cgi-bin/gettoken?corpid&corpsecret` (same token within validity); `POST
 //!   /cgi-bin/media/upload?access_token&type` parses the multipart form (field `media`, with a
-//!   filename) and hands out a media_id; `POST /cgi-bin/message/send` checks the token (40014),
+//!   filename, `filelength` and the part's content type) and hands out a media_id; an `image`
+//!   must be JPG or PNG (by its first bytes; else 40005) of at most 10 MB (else 40006); `POST /cgi-bin/message/send` checks the token (40014),
 //!   `agentid`, the msgtype's part, media ids (40007), lists unknown users in `invaliduser` and
 //!   answers 81013 when no recipient is valid.
 //! - Robot: `POST /cgi-bin/webhook/send?key=` checks the key (93000) and an image's MD5 against
-//!   its base64 bytes (301019).
+//!   its base64 bytes (301019), and that it is a JPG or PNG (40005) of at most 2 MB before base64
+//!   (40009).
 //!
 //! Each service can be scripted to answer error codes next (after the token check), and `echo`
 //! makes every error message repeat the credential it got (a careless provider), for leak tests.
@@ -37,7 +39,16 @@ type Q = Query<HashMap<String, String>>;
 pub struct Upload {
     pub kind: String,
     pub filename: String,
+    /// The part's `Content-Type`.
+    pub content_type: String,
+    /// The part's `filelength` parameter.
+    pub filelength: Option<usize>,
     pub bytes: Vec<u8>,
+}
+
+/// JPG or PNG, by the first bytes.
+fn jpg_or_png(b: &[u8]) -> bool {
+    b.starts_with(b"\x89PNG\r\n\x1a\n") || b.starts_with(b"\xff\xd8\xff")
 }
 
 #[derive(Default)]
@@ -90,9 +101,13 @@ struct St {
     parties: HashSet<&'static str>,
     media: Mutex<HashMap<String, Upload>>,
     uploads: Mutex<Vec<Upload>>,
+    /// Errcodes the next well-formed uploads answer.
+    upload_script: Mutex<VecDeque<i64>>,
     bot: Service,
     echo: AtomicBool,
     next: AtomicUsize,
+    /// WeCom and robot requests received (any answer).
+    hits: AtomicUsize,
 }
 
 impl St {
@@ -142,6 +157,8 @@ impl WeixinDouble {
             parties: ["1", "2"].into_iter().collect(),
             media: Default::default(),
             uploads: Default::default(),
+            upload_script: Default::default(),
+            hits: Default::default(),
             bot: Service::default(),
             echo: Default::default(),
             next: Default::default(),
@@ -220,6 +237,18 @@ impl WeixinDouble {
     pub fn script_wecom(&self, codes: &[i64]) {
         self.st.wc.script.lock().unwrap().extend(codes);
     }
+    /// The next well-formed `media/upload` calls answer these errcodes, in order.
+    #[allow(dead_code)] // tests/cards.rs
+    pub fn script_upload(&self, codes: &[i64]) {
+        self.st.upload_script.lock().unwrap().extend(codes);
+    }
+
+    /// How many requests the WeCom app and robot endpoints (token, upload, send) received.
+    #[allow(dead_code)] // tests/cards.rs
+    pub fn wecom_hits(&self) -> usize {
+        self.st.hits.load(Ordering::SeqCst)
+    }
+
     pub fn uploads(&self) -> Vec<Upload> {
         self.st.uploads.lock().unwrap().clone()
     }
@@ -314,6 +343,7 @@ async fn template_send(State(st): State<Arc<St>>, q: Q, body: String) -> Respons
 }
 
 async fn gettoken(State(st): State<Arc<St>>, q: Q) -> Response {
+    st.hits.fetch_add(1, Ordering::SeqCst);
     let secret = q.get("corpsecret").cloned().unwrap_or_default();
     if q.get("corpid") != Some(&st.corpid) {
         return st.err(40013, "invalid corpid", &secret);
@@ -326,8 +356,16 @@ async fn gettoken(State(st): State<Arc<St>>, q: Q) -> Response {
         .into_response()
 }
 
-/// The file part of a multipart/form-data body: (field name, filename, bytes).
-fn multipart_file(headers: &HeaderMap, body: &[u8]) -> Option<(String, String, Vec<u8>)> {
+/// The file part of a multipart/form-data body.
+struct FilePart {
+    field: String,
+    filename: String,
+    content_type: String,
+    filelength: Option<usize>,
+    bytes: Vec<u8>,
+}
+
+fn multipart_file(headers: &HeaderMap, body: &[u8]) -> Option<FilePart> {
     let ct = headers.get("content-type")?.to_str().ok()?;
     let boundary = ct.strip_prefix("multipart/form-data; boundary=")?;
     let open = format!("--{boundary}\r\n");
@@ -345,11 +383,25 @@ fn multipart_file(headers: &HeaderMap, body: &[u8]) -> Option<(String, String, V
         let end = disp[start..].find('"')? + start;
         Some(disp[start..end].to_string())
     };
-    Some((
-        param("name")?,
-        param("filename")?,
-        rest[split + 4..].to_vec(),
-    ))
+    let filelength = disp
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("filelength="))
+        .and_then(|n| n.trim().parse().ok());
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("content-type:")
+                .then(|| l["content-type:".len()..].trim().to_string())
+        })
+        .unwrap_or_default();
+    Some(FilePart {
+        field: param("name")?,
+        filename: param("filename")?,
+        content_type,
+        filelength,
+        bytes: rest[split + 4..].to_vec(),
+    })
 }
 
 async fn media_upload(
@@ -358,6 +410,7 @@ async fn media_upload(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    st.hits.fetch_add(1, Ordering::SeqCst);
     let given = q.get("access_token").cloned().unwrap_or_default();
     if !st.wc.token_ok(&q) {
         return st.err(40014, "invalid access_token", &given);
@@ -367,12 +420,23 @@ async fn media_upload(
         return st.err(40004, "invalid media type", "");
     }
     match multipart_file(&headers, &body) {
-        Some((field, filename, bytes)) if field == "media" && !filename.is_empty() => {
+        Some(p) if p.field == "media" && !p.filename.is_empty() => {
+            if kind == "image" && !jpg_or_png(&p.bytes) {
+                return st.err(40005, "invalid file type", "");
+            }
+            if kind == "image" && p.bytes.len() > 10 * 1024 * 1024 {
+                return st.err(40006, "invalid file size", "");
+            }
+            if let Some(code) = st.upload_script.lock().unwrap().pop_front() {
+                return st.err(code, &format!("scripted {code}"), &given);
+            }
             let id = format!("MEDIA-{}", st.n());
             let up = Upload {
                 kind: kind.clone(),
-                filename,
-                bytes,
+                filename: p.filename,
+                content_type: p.content_type,
+                filelength: p.filelength,
+                bytes: p.bytes,
             };
             st.media.lock().unwrap().insert(id.clone(), up.clone());
             st.uploads.lock().unwrap().push(up);
@@ -387,6 +451,7 @@ async fn media_upload(
 }
 
 async fn message_send(State(st): State<Arc<St>>, q: Q, body: String) -> Response {
+    st.hits.fetch_add(1, Ordering::SeqCst);
     let given = q.get("access_token").cloned().unwrap_or_default();
     if !st.wc.token_ok(&q) {
         return st.err(40014, "invalid access_token", &given);
@@ -458,6 +523,7 @@ async fn message_send(State(st): State<Arc<St>>, q: Q, body: String) -> Response
 }
 
 async fn webhook_send(State(st): State<Arc<St>>, q: Q, body: String) -> Response {
+    st.hits.fetch_add(1, Ordering::SeqCst);
     let given = q.get("key").cloned().unwrap_or_default();
     if given != st.bot_key {
         return st.err(93000, "invalid webhook url", &given);
@@ -483,6 +549,12 @@ async fn webhook_send(State(st): State<Arc<St>>, q: Q, body: String) -> Response
             let Some(bytes) = bytes else {
                 return st.err(40009, "invalid image", "");
             };
+            if !jpg_or_png(&bytes) {
+                return st.err(40005, "invalid file type", "");
+            }
+            if bytes.len() > 2 * 1024 * 1024 {
+                return st.err(40009, "invalid image size", "");
+            }
             use md5::{Digest, Md5};
             let md5: String = Md5::digest(&bytes)
                 .iter()

@@ -145,21 +145,3 @@ pub(super) fn prepare_msg(content: &str) -> Result<(Value, Option<Upload>), Deli
     }
     Ok((msg, upload))
 }
-
-/// A guess at a file's media type from its name, for the upload's part header.
-pub(super) fn content_type(filename: &str) -> &'static str {
-    let ext = filename
-        .rsplit('.')
-        .next()
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "gif" => "image/gif",
-        "bmp" => "image/bmp",
-        "amr" => "audio/amr",
-        "mp3" => "audio/mpeg",
-        _ => "application/octet-stream",
-    }
-}

@@ -10,7 +10,15 @@
 //!   `markdown`, `link`, `action_card`, `oa`…); a content that is not JSON is sent as `text`. An
 //!   `image`, `file` or `voice` part that carries `{"base64": "…", "filename": "…"}` instead of a
 //!   `media_id` is uploaded first (`media/upload`, field `media`) and sent with the `media_id`
-//!   DingTalk returns (picture cards rendered by outboxd plug in here later).
+//!   DingTalk returns.
+//! - **Picture cards**: a message with a picture ([`OutboxMessage::images`], a rendered card) is
+//!   sent as that picture — `media/upload?type=image` (field `media`, PNG/JPEG up to 20 MB, the
+//!   limit providers.md gives; larger is `image-too-large` before any call), then one
+//!   `msgtype: image` (`image.media_id`) to the address, as a work notification or into a chat.
+//!   The content (the card's alt text) is not sent as a second message: the image has no caption,
+//!   the text is drawn on the card, and a second send could double the picture when the text
+//!   failed and the message was retried. A retry after a failed send reuses the media id (kept an
+//!   hour, in memory): the same content to the same user, which DingTalk delivers once a day.
 //! - A work notification is asynchronous: `errcode 0` only means the task was accepted; its
 //!   `task_id` becomes the provider id, and the daemon's [`poller`] later calls `getsendresult`
 //!   and stores the per-user outcome (`outbox.dingtalk_send_results`, sql/010).
@@ -32,7 +40,7 @@
 mod content;
 pub mod poller;
 
-use content::{bad_content, content_type, prepare_msg, Upload};
+use content::{bad_content, prepare_msg, Upload};
 pub use content::{parse_address, Recipients};
 
 use std::sync::Arc;
@@ -43,6 +51,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::provider::body::{BodyError, Class, ErrorTable, Field};
+use super::provider::media::{self, Limits, MediaIds, PNG_JPEG};
 use super::provider::multipart::file_form;
 use super::provider::token::call_with_token;
 use super::provider::{classify_status, json_scalar, read_response, truncate};
@@ -55,6 +64,14 @@ use crate::settings::{ConfigError, Dur, ProfileContext, Secret, SecretSource};
 pub const DEFAULT_ENDPOINT: &str = "https://oapi.dingtalk.com";
 /// `msg` of a work notification: at most this many bytes (providers.md §2.5).
 pub const MAX_MSG_BYTES: usize = 2048;
+/// `media/upload?type=image` (providers.md §2.5: files up to about 20 MB).
+const PICTURES: Limits = Limits {
+    provider: "DingTalk",
+    max_bytes: 20 * 1024 * 1024,
+    types: PNG_JPEG,
+};
+/// How long an uploaded picture's media id is reused for retries (DingTalk names no lifetime).
+const MEDIA_ID_LIFE: Duration = Duration::from_secs(3600);
 /// How long a QPM "too fast" holds the profile back: until the next minute.
 pub const QPM_BLOCK: Duration = Duration::from_secs(60);
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -189,6 +206,8 @@ pub struct DingtalkConnector {
     result_polls: Vec<Duration>,
     tokens: Arc<TokenCache>,
     redactor: Redactor,
+    /// Media ids of pictures whose send is still to succeed.
+    media: MediaIds,
 }
 
 impl DingtalkConnector {
@@ -243,6 +262,7 @@ impl DingtalkConnector {
             result_polls,
             tokens,
             redactor,
+            media: MediaIds::new(MEDIA_ID_LIFE),
         })
     }
 
@@ -321,7 +341,7 @@ impl DingtalkConnector {
 
     /// `media/upload`: the `media_id` of an uploaded file of `kind` (image, voice, file).
     async fn upload(&self, u: &Upload) -> Result<String, DeliveryError> {
-        let (ct, body) = file_form("media", &u.filename, content_type(&u.filename), &u.data);
+        let (ct, body) = file_form("media", &u.filename, media::mime_of(&u.filename), &u.data);
         let query = [("type", u.kind.as_str())];
         let v = self
             .call("/media/upload", Payload::Multipart(&ct, &body, &query))
@@ -395,7 +415,11 @@ impl DingtalkConnector {
 
     async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
         let to = parse_address(msg.address_required()?)?;
-        let (mut m, upload) = prepare_msg(msg.content_required()?)?;
+        let picture = media::picture(msg, &PICTURES)?;
+        let (mut m, upload) = match picture {
+            Some(_) => (json!({"msgtype": "image"}), None),
+            None => prepare_msg(msg.content_required()?)?,
+        };
         let agent_id = match &to {
             Recipients::Notice { .. } => Some(self.agent_id.ok_or_else(|| {
                 DeliveryError::permanent(
@@ -409,6 +433,36 @@ impl DingtalkConnector {
             let media_id = self.upload(u).await?;
             m[&u.kind] = json!({"media_id": media_id});
         }
+        let Some(img) = picture else {
+            return self.send(msg, to, agent_id, m).await;
+        };
+        let upload = media::upload(
+            img,
+            "media",
+            "/media_id",
+            |ct, body| async move {
+                let query = [("type", "image")];
+                self.call("/media/upload", Payload::Multipart(&ct, &body, &query))
+                    .await
+            },
+            bad_response,
+        );
+        m["image"] = json!({"media_id": self.media.get_or_upload(msg.id, upload).await?});
+        let r = self.send(msg, to, agent_id, m).await;
+        if !matches!(&r, Err(e) if e.is_retry()) {
+            self.media.forget(msg.id);
+        }
+        r
+    }
+
+    /// Sends `m` to `to`: `chat/send`, or a work notification as `agent_id`.
+    async fn send(
+        &self,
+        msg: &OutboxMessage,
+        to: Recipients,
+        agent_id: Option<i64>,
+        m: Value,
+    ) -> Result<Receipt, DeliveryError> {
         match to {
             Recipients::Chat(chatid) => {
                 let body = json!({"chatid": chatid, "msg": m});

@@ -11,6 +11,9 @@
 //!   invalidate → refresh → resend once on the provider's token-invalid signal;
 //! - [`sign`]: HMAC helpers;
 //! - [`multipart`]: a one-file `multipart/form-data` body (media uploads);
+//! - [`media`]: pictures (rendered cards) through chat providers — choosing the picture, the
+//!   size/type limits checked before any network call, the upload call, media ids kept for
+//!   retries;
 //! - [`content`]: chat contents (a JSON object of the platform's fields, or plain text) and the
 //!   field checks body builders make before sending;
 //! - here: the HTTP client builder, bounded reads and small text helpers.
@@ -20,6 +23,7 @@
 
 pub mod body;
 pub mod content;
+pub mod media;
 pub mod multipart;
 pub mod sign;
 pub mod status;
