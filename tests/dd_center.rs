@@ -455,6 +455,8 @@ async fn every_error_kind_answers_in_the_centers_envelope() {
         .unwrap();
     let st = r.status().as_u16();
     failure(st, &r.json().await.unwrap(), 405, "POST");
+    let (st, v) = s.post("/v1/dd/topapi/nothing", json!({})).await;
+    assert!(failure(st, &v, 404, "no such endpoint").starts_with("[40401] "));
     s.daemon.stop().await;
 }
 

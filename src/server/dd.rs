@@ -27,7 +27,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Multipart, RawQuery, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{any, post};
 use axum::Router;
 use base64::Engine;
 use serde::Deserialize;
@@ -69,6 +69,11 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route(
             "/v1/dd/media/upload",
             post(media_upload).fallback(not_allowed),
+        )
+        // Other paths under /v1/dd answer in the center's envelope too.
+        .route(
+            "/v1/dd/*rest",
+            any(|| async { Center(Failure::new(ErrorKind::NotFound, "no such endpoint")) }),
         )
 }
 
