@@ -218,6 +218,19 @@ async fn work_notifications_and_chat_messages_go_through_the_outbox() {
             None
         )]
     );
+    // … and the chat is one of api.dingtalk_chats(), as if `outboxd dingtalk chat-create` made it.
+    let chat = c
+        .query_one(
+            "SELECT name, owner, userids, state, chatid FROM api.dingtalk_chats()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(chat.get::<_, String>(0), "值班群 on-call");
+    assert_eq!(chat.get::<_, String>(1), "u1");
+    assert_eq!(chat.get::<_, Vec<String>>(2), vec!["u1", "u2"]);
+    assert_eq!(chat.get::<_, String>(3), "created");
+    assert_eq!(chat.get::<_, Option<String>>(4), Some(chatid.clone()));
 
     let (st, v) = s
         .post(
@@ -280,7 +293,13 @@ async fn media_is_uploaded_from_a_form_or_base64_and_recorded() {
     let db = TestDb::new().await;
     let s = start(&db).await;
     let c = db.client().await;
-    let png: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    // DingTalk checks an image's type by its first bytes: a PNG signature, then filler.
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n"
+        .iter()
+        .copied()
+        .chain((0..=255u8).cycle())
+        .take(3000)
+        .collect();
 
     let (ct, body) = form("image", "chart.png", &png);
     let (st, v) = s.post_form("/v1/dd/media/upload", &ct, body).await;

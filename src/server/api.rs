@@ -248,7 +248,7 @@ async fn send(
 
 /// A database error as the envelope reports it: the outbox's own `ERR-…` refusals are the
 /// client's fault (with the text PostgreSQL gave); anything else is the server's.
-fn db_failure(e: &crate::db::DbError) -> Failure {
+pub(super) fn db_failure(e: &crate::db::DbError) -> Failure {
     match e.code().as_deref() {
         Some("ERR-400-031") => Failure::new(ErrorKind::UnknownAgent, e.to_string()),
         Some(c) if c.starts_with("ERR-400") || c.starts_with("22") || c.starts_with("23") => {

@@ -38,7 +38,7 @@ use super::api::{authorized, body_bytes, enqueue, idempotency_key};
 use super::envelope::{self, Center, ErrorKind, Failure};
 use super::outcome::{parse_wait, query_value};
 use super::AppState;
-use crate::connector::dingtalk::{parse_address, DingtalkConnector};
+use crate::connector::dingtalk::{parse_address, poller, DingtalkConnector};
 use crate::connector::{Connector, DeliveryError};
 use crate::ops::NewMessage;
 
@@ -408,7 +408,10 @@ async fn chat_create(
                 .ok_or_else(|| invalid("useridlist is required"))?
                 .ids("useridlist")?;
             let summary = json!({"name": name, "owner": owner, "useridlist": users});
-            let r = dingtalk(&c).create_chat(&name, &owner, &users).await;
+            let r =
+                poller::create_and_record(&st.db, dingtalk(&c), &profile, &name, &owner, &users)
+                    .await
+                    .map_err(|e| super::api::db_failure(&e))?;
             record(&st, &profile, "chat/create", &summary, &r).await;
             match r {
                 Ok(chatid) => Ok(json!({"chatid": chatid})),

@@ -204,6 +204,24 @@ pub async fn create_chat_now(
         .map_err(|e| e.to_string())?;
     let db = Db::connect(cfg.database_url.expose(), 1, cfg.db_timeout, None)
         .map_err(|e| e.to_string())?;
+    create_and_record(&db, &connector, profile, name, owner, users)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// A `chat/create` made now by this process (the CLI, the HTTP server's `/v1/dd/chat/create`):
+/// the request is recorded as claimed by us (so the poller leaves it alone), the call is made,
+/// and its `chatid` or error recorded — `api.dingtalk_chats()` shows it like any other. The outer
+/// error is the database's; the inner result is DingTalk's answer.
+pub async fn create_and_record(
+    db: &Db,
+    connector: &DingtalkConnector,
+    profile: &str,
+    name: &str,
+    owner: &str,
+    users: &[String],
+) -> Result<Result<String, DeliveryError>, DbError> {
     let id: Uuid = db
         .timed("dingtalk request chat", async {
             let conn = db.pool().get().await?;
@@ -215,9 +233,8 @@ pub async fn create_chat_now(
                 .await?
                 .get(0))
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let r = connector.create_chat(name, owner, users).await;
-    record_chat(&db, id, &r).await.map_err(|e| e.to_string())?;
-    r.map_err(|e| e.to_string())
+    record_chat(db, id, &r).await?;
+    Ok(r)
 }
