@@ -22,7 +22,7 @@ use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 use serde_json::{json, Value};
 
-const T: Duration = Duration::from_secs(60);
+const T: Duration = Duration::from_secs(20);
 
 /// A tansu broker, killed on drop.
 struct Broker {
@@ -198,9 +198,11 @@ async fn next_offset(c: &tokio_postgres::Client, topic: &str) -> Option<i64> {
 }
 
 async fn wait_offset(c: &tokio_postgres::Client, topic: &str, n: i64) {
-    wait_for(T, &format!("the committed offset of {topic} to reach {n}"), || async {
-        (next_offset(c, topic).await == Some(n)).then_some(())
-    })
+    wait_for(
+        T,
+        &format!("the committed offset of {topic} to reach {n}"),
+        || async { (next_offset(c, topic).await == Some(n)).then_some(()) },
+    )
     .await
 }
 
@@ -342,19 +344,31 @@ async fn poison_records_are_dead_lettered_and_the_rest_handled() {
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     assert_eq!(dead.len(), 4, "{dead:?}");
-    assert_eq!((&dead[0].0[..], dead[0].1, dead[0].2), ("in.send", 0, 40001));
+    assert_eq!(
+        (&dead[0].0[..], dead[0].1, dead[0].2),
+        ("in.send", 0, 40001)
+    );
     assert!(dead[0].3.contains("not valid JSON"), "{}", dead[0].3);
     assert_eq!((dead[1].1, dead[1].2), (1, 40002));
     assert!(dead[1].3.contains("colour"), "{}", dead[1].3);
     assert_eq!((dead[2].1, dead[2].2), (2, 40003));
     assert!(dead[2].3.contains("ERR-400-031"), "{}", dead[2].3);
-    assert_eq!((&dead[3].0[..], dead[3].1, dead[3].2), ("in.tasks", 1, 40401));
+    assert_eq!(
+        (&dead[3].0[..], dead[3].1, dead[3].2),
+        ("in.tasks", 1, 40401)
+    );
     assert!(dead[3].3.contains("ERR-400-060"), "{}", dead[3].3);
-    assert_eq!(rows[0].get::<_, Option<String>>(4).as_deref(), Some("{not json"));
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(4).as_deref(),
+        Some("{not json")
+    );
 
     // The good records: one message from the send topic, two executions of the task.
     let runs: i64 = c
-        .query_one("SELECT count(*) FROM api.task_runs WHERE task = 'news'", &[])
+        .query_one(
+            "SELECT count(*) FROM api.task_runs WHERE task = 'news'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -446,9 +460,16 @@ async fn crashes_between_enqueue_and_commit_lose_and_double_nothing() {
     wait_offset(&c, "c.tasks", 12).await;
     assert_eq!(faults.crash_before_commit.load(Ordering::SeqCst), 0);
     let crashed = faults.crashed_records.load(Ordering::SeqCst);
-    assert!(crashed >= 3, "three batches crashed after handling records ({crashed})");
+    assert!(
+        crashed >= 3,
+        "three batches crashed after handling records ({crashed})"
+    );
     assert_eq!(
-        count(&c, "SELECT count(*) FROM outbox.messages WHERE code LIKE 'kafka:c.send:0:%'").await,
+        count(
+            &c,
+            "SELECT count(*) FROM outbox.messages WHERE code LIKE 'kafka:c.send:0:%'"
+        )
+        .await,
         20
     );
     assert_eq!(
@@ -487,7 +508,10 @@ async fn crashes_between_enqueue_and_commit_lose_and_double_nothing() {
         count(&c, "SELECT count(*) FROM api.task_runs WHERE task = 'ping'").await,
         24
     );
-    assert_eq!(count(&c, "SELECT count(*) FROM api.kafka_dead_letters").await, 0);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM api.kafka_dead_letters").await,
+        0
+    );
     daemon.stop().await;
 }
 
@@ -515,7 +539,10 @@ async fn a_restart_resumes_from_the_committed_offset() {
     wait_offset(&c, "r.send", 5).await;
     daemon.stop().await;
     let before: Vec<(String, chrono::DateTime<chrono::Utc>)> = c
-        .query("SELECT code, created_at FROM outbox.messages ORDER BY code", &[])
+        .query(
+            "SELECT code, created_at FROM outbox.messages ORDER BY code",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -538,7 +565,10 @@ async fn a_restart_resumes_from_the_committed_offset() {
     })
     .await;
     let after: Vec<(String, chrono::DateTime<chrono::Utc>)> = c
-        .query("SELECT code, created_at FROM outbox.messages ORDER BY code", &[])
+        .query(
+            "SELECT code, created_at FROM outbox.messages ORDER BY code",
+            &[],
+        )
         .await
         .unwrap()
         .iter()

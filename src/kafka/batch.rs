@@ -219,7 +219,9 @@ async fn handle(
             msg.code.get_or_insert_with(|| {
                 format!("kafka:{}:{}:{}", src.topic, src.partition, rec.offset)
             });
-            crate::ops::send(c, &msg).await.map_err(|e| refusal(e, false))?;
+            crate::ops::send(c, &msg)
+                .await
+                .map_err(|e| refusal(e, false))?;
             Ok(Handled::Enqueued)
         }
         Kind::Task => {
@@ -293,7 +295,10 @@ mod tests {
 
     #[test]
     fn task_records_in_every_accepted_form() {
-        assert_eq!(task_of(br#"{"task": "daily-report"}"#).unwrap(), "daily-report");
+        assert_eq!(
+            task_of(br#"{"task": "daily-report"}"#).unwrap(),
+            "daily-report"
+        );
         assert_eq!(task_of(br#""daily-report""#).unwrap(), "daily-report");
         assert_eq!(task_of(b" daily-report\n").unwrap(), "daily-report");
         assert!(task_of(br#"{"task": 1}"#).is_err());

@@ -71,10 +71,7 @@ impl KafkaConfig {
             return Err(("kafka.brokers", "must list at least one host:port"));
         }
         if self.send_topic.is_none() && self.task_topic.is_none() {
-            return Err((
-                "kafka.send_topic",
-                "set send_topic or task_topic (or both)",
-            ));
+            return Err(("kafka.send_topic", "set send_topic or task_topic (or both)"));
         }
         let topics = [
             ("kafka.send_topic", &self.send_topic),
@@ -122,7 +119,9 @@ mod tests {
 
     #[test]
     fn defaults_and_checks() {
-        let c = parse("brokers = [\"127.0.0.1:9092\"]\nsend_topic = \"outbox.send\"\nfetch_wait = \"50ms\"");
+        let c = parse(
+            "brokers = [\"127.0.0.1:9092\"]\nsend_topic = \"outbox.send\"\nfetch_wait = \"50ms\"",
+        );
         assert_eq!(c.group, "outboxd");
         assert_eq!(c.fetch_wait, Duration::from_millis(50));
         assert_eq!(c.start, StartAt::Earliest);

@@ -18,14 +18,14 @@
 pub mod batch;
 pub mod config;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
-use rskafka::record::Record;
+use rskafka::record::{Record, RecordAndOffset};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -249,38 +249,67 @@ async fn consume(
         kind,
     };
     let wait_ms = cfg.fetch_wait.as_millis().min(i32::MAX as u128) as i32;
+    // Fetched records not yet applied (a fetch may return more than `batch_records`).
+    let mut buffered: VecDeque<RecordAndOffset> = VecDeque::new();
+    let mut high_watermark = position;
+    // tansu 0.6 answers a fetch from an offset inside a record batch with no records (Kafka
+    // returns the whole batch and the client drops the records before the offset): when a fetch
+    // comes back empty below the high watermark, the next one starts `lookback` records earlier
+    // (doubling, down to `floor`), and the records before `position` are dropped here.
+    let mut lookback: i64 = 0;
+    let mut floor: i64 = 0;
+    let mut searched: Option<i64> = None;
     loop {
-        let started = Instant::now();
-        let fetched = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            r = pc.fetch_records(position, 1..cfg.fetch_max_bytes, wait_ms) => r,
-        };
-        let (mut records, high_watermark) = match fetched {
-            Ok(f) => f,
-            Err(ClientError::ServerError {
-                protocol_error: ProtocolError::OffsetOutOfRange,
-                ..
-            }) => {
-                position = out_of_range(&pc, topic, partition, position).await?;
+        if buffered.is_empty() {
+            let started = Instant::now();
+            let from = (position - lookback).max(floor).min(position);
+            let fetched = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                r = pc.fetch_records(from, 1..cfg.fetch_max_bytes, wait_ms) => r,
+            };
+            let (mut records, hw) = match fetched {
+                Ok(f) => f,
+                Err(ClientError::ServerError {
+                    protocol_error: ProtocolError::OffsetOutOfRange,
+                    ..
+                }) => {
+                    if from < position {
+                        floor = pc.get_offset(OffsetAt::Earliest).await?;
+                    } else {
+                        position = out_of_range(&pc, topic, partition, position).await?;
+                        floor = 0;
+                    }
+                    lookback = 0;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            high_watermark = hw;
+            records.retain(|r| r.offset >= position);
+            if records.is_empty() {
+                if hw > position && from > floor && searched != Some(position) {
+                    lookback = (lookback * 2).max(1);
+                    continue;
+                }
+                searched = Some(position);
+                lookback = 0;
+                crate::metrics::kafka_lag(topic, partition, hw - position);
+                // A broker that answers an empty fetch at once must not make this a busy loop.
+                let rest = cfg.fetch_wait.saturating_sub(started.elapsed());
+                if rest > Duration::from_millis(5) {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(rest) => {}
+                    }
+                }
                 continue;
             }
-            Err(e) => return Err(e.into()),
-        };
-        records.retain(|r| r.offset >= position);
-        records.sort_by_key(|r| r.offset);
-        records.truncate(cfg.batch_records);
-        if records.is_empty() {
-            crate::metrics::kafka_lag(topic, partition, high_watermark - position);
-            // A broker that answers an empty fetch at once must not make this a busy loop.
-            let rest = cfg.fetch_wait.saturating_sub(started.elapsed());
-            if rest > Duration::from_millis(5) {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(rest) => {}
-                }
-            }
-            continue;
+            lookback = 0;
+            records.sort_by_key(|r| r.offset);
+            buffered.extend(records);
         }
+        let n = buffered.len().min(cfg.batch_records);
+        let records: Vec<RecordAndOffset> = buffered.drain(..n).collect();
         let Some(applied) = batch::apply(&ctx.db, &src, position, &records, &ctx.faults).await?
         else {
             return Err(KafkaError::Injected);
@@ -302,6 +331,7 @@ async fn consume(
             }
         }
         position = applied.next;
+        buffered.retain(|r| r.offset >= position);
     }
 }
 
@@ -348,7 +378,10 @@ async fn produce_dead_letters(
                     "outboxd-partition".to_string(),
                     partition.to_string().into_bytes(),
                 ),
-                ("outboxd-offset".to_string(), d.offset.to_string().into_bytes()),
+                (
+                    "outboxd-offset".to_string(),
+                    d.offset.to_string().into_bytes(),
+                ),
             ]),
             timestamp: chrono::Utc::now(),
         })
