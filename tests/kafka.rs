@@ -116,7 +116,10 @@ async fn create_topic(client: &Client, topic: &str, partitions: i32) {
 }
 
 /// Produces records (headers, value) to partition 0 of `topic`.
-async fn produce(client: &Client, topic: &str, records: Vec<(Vec<(&str, &str)>, Vec<u8>)>) {
+/// One record to produce: its headers and value.
+type Rec<'a> = (Vec<(&'a str, &'a str)>, Vec<u8>);
+
+async fn produce(client: &Client, topic: &str, records: Vec<Rec<'_>>) {
     let pc = client
         .partition_client(topic, 0, UnknownTopicHandling::Retry)
         .await
