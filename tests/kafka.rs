@@ -160,7 +160,8 @@ fn kafka_config(broker: &Broker, send: Option<&str>, task: Option<&str>) -> Kafk
     }
 }
 
-/// A daemon config with the file connector spooling to `spool.jsonl` in a temp dir.
+/// A daemon config with the file connector spooling to `spool.jsonl` in a temp dir, its sessions
+/// running as the daemon role.
 struct Setup {
     tc: TestConfig,
     spool: std::path::PathBuf,
@@ -175,6 +176,9 @@ fn daemon_config(db: &TestDb, kafka: KafkaConfig) -> Setup {
     tc.config.poll_interval = Duration::from_millis(100);
     tc.config.tasks.poll_interval = Duration::from_millis(50);
     tc.config.kafka = Some(kafka);
+    // As shipped: the daemon's sessions run as outboxd_daemon, so the trigger's grants are tested.
+    tc.config.database_url =
+        outboxd::config::Secret::new(outboxd::db::with_session_role(&db.url, "outboxd_daemon"));
     Setup {
         tc,
         spool,
@@ -240,10 +244,32 @@ async fn enqueue_requests_are_delivered_with_their_codes() {
     .await;
     let db = TestDb::new().await;
     let c = db.client().await;
-    let setup = daemon_config(&db, kafka_config(&broker, Some("outbox.send"), None));
+    let mut setup = daemon_config(&db, kafka_config(&broker, Some("outbox.send"), None));
+    setup.tc.config.http_listen = Some("127.0.0.1:0".parse().unwrap());
     let (tc, spool_path) = (&setup.tc, &setup.spool);
     let daemon = Daemon::start(tc.config.clone());
     wait_offset(&c, "outbox.send", 4).await;
+    // The records are counted by topic and outcome (the repeated one too: it was answered).
+    let addr = *daemon
+        .controls
+        .http_addr
+        .get()
+        .expect("the HTTP server listens");
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains(r#"outboxd_kafka_records_total{topic="outbox.send",outcome="enqueued"} 4"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"outboxd_kafka_lag{topic="outbox.send",partition="0"} 0"#),
+        "{metrics}"
+    );
     let lines = wait_for(T, "three deliveries", || async {
         let l = spool(spool_path);
         (l.len() >= 3).then_some(l)
