@@ -239,7 +239,10 @@ async fn consume(
                 StartAt::Earliest => OffsetAt::Earliest,
                 StartAt::Latest => OffsetAt::Latest,
             };
-            pc.get_offset(at).await?
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                r = pc.get_offset(at) => r?,
+            }
         }
     };
     let src = batch::Source {
@@ -255,7 +258,8 @@ async fn consume(
     // tansu 0.6 answers a fetch from an offset inside a record batch with no records (Kafka
     // returns the whole batch and the client drops the records before the offset): when a fetch
     // comes back empty below the high watermark, the next one starts `lookback` records earlier
-    // (doubling, down to `floor`), and the records before `position` are dropped here.
+    // (doubling, down to `floor`: the earliest kept offset, or past records already seen), and
+    // the records before `position` are dropped here.
     let mut lookback: i64 = 0;
     let mut floor: i64 = 0;
     let mut searched: Option<i64> = None;
@@ -273,11 +277,18 @@ async fn consume(
                     protocol_error: ProtocolError::OffsetOutOfRange,
                     ..
                 }) => {
-                    if from < position {
-                        floor = pc.get_offset(OffsetAt::Earliest).await?;
-                    } else {
-                        position = out_of_range(&pc, topic, partition, position).await?;
-                        floor = 0;
+                    let moved = async {
+                        if from < position {
+                            floor = pc.get_offset(OffsetAt::Earliest).await?;
+                        } else {
+                            position = out_of_range(&pc, topic, partition, position).await?;
+                            floor = 0;
+                        }
+                        Ok::<_, KafkaError>(())
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        r = moved => r?,
                     }
                     lookback = 0;
                     continue;
@@ -285,11 +296,21 @@ async fn consume(
                 Err(e) => return Err(e.into()),
             };
             high_watermark = hw;
+            let below = records.iter().map(|r| r.offset).max();
             records.retain(|r| r.offset >= position);
             if records.is_empty() {
-                if hw > position && from > floor && searched != Some(position) {
-                    lookback = (lookback * 2).max(1);
-                    continue;
+                if hw > position && searched != Some(position) {
+                    if let Some(m) = below {
+                        // Only records before `position` came back: the batch holding it starts
+                        // after them.
+                        floor = floor.max(m + 1);
+                        lookback = (lookback * 2).max(1);
+                        continue;
+                    }
+                    if from > floor {
+                        lookback = (lookback * 2).max(1);
+                        continue;
+                    }
                 }
                 searched = Some(position);
                 lookback = 0;
@@ -327,7 +348,11 @@ async fn consume(
         }
         if !applied.dead.is_empty() {
             if let Some(dlq) = &cfg.dead_letter_topic {
-                produce_dead_letters(ctx, dlq, topic, partition, &applied.dead).await;
+                // Not waited for on shutdown: the dead letters are in the table already.
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = produce_dead_letters(ctx, dlq, topic, partition, &applied.dead) => {}
+                }
             }
         }
         position = applied.next;
