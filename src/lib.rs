@@ -4,7 +4,8 @@
 //! listener, migrations, outbox queries) → [`dispatch`] (claim loop, routing, retry schedule, lease
 //! heartbeat) → [`render`] (templated messages rendered before delivery) → [`connector`] (the trait and one
 //! file per connector). [`apostol`] is the drop-in mode that serves an Apostol database instead;
-//! [`schedule`] runs scheduled send tasks. [`ops`] holds the operator
+//! [`schedule`] runs scheduled send tasks; [`kafka`] is the Kafka trigger (enqueue and task-run
+//! requests consumed from topics). [`ops`] holds the operator
 //! commands, [`server`] the HTTP server (health, status, metrics, REST enqueue), [`metrics`] the
 //! Prometheus names, [`telemetry`] the logging setup, [`shutdown`] the signals, [`systemd`] the notify protocol.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod config;
 pub mod connector;
 pub mod db;
 pub mod dispatch;
+pub mod kafka;
 pub mod metrics;
 pub mod ops;
 pub mod render;

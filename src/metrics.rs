@@ -23,6 +23,9 @@ pub const RECORDER_BATCH: &str = "outboxd_recorder_batch_size";
 pub const MESSAGES: &str = "outboxd_messages";
 pub const IN_FLIGHT: &str = "outboxd_deliveries_in_flight";
 pub const OLDEST_PREPARED_SECONDS: &str = "outboxd_oldest_prepared_seconds";
+pub const KAFKA_RECORDS: &str = "outboxd_kafka_records_total";
+pub const KAFKA_ERRORS: &str = "outboxd_kafka_errors_total";
+pub const KAFKA_LAG: &str = "outboxd_kafka_lag";
 
 /// Seconds: from 1 ms to 5 min.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,6 +114,37 @@ fn describe() {
         OLDEST_PREPARED_SECONDS,
         "Age of the oldest prepared message"
     );
+    describe_counter!(
+        KAFKA_RECORDS,
+        "Kafka trigger: records handled, by topic and outcome (enqueued, run, dead_letter, skipped)"
+    );
+    describe_counter!(
+        KAFKA_ERRORS,
+        "Kafka trigger: failed fetches and batch transactions (retried), by topic and stage"
+    );
+    describe_gauge!(
+        KAFKA_LAG,
+        "Kafka trigger: records between the committed offset and the partition's high watermark"
+    );
+}
+
+/// Kafka records of `topic` that ended as `outcome`.
+pub fn kafka_records(topic: &str, outcome: &'static str, n: u64) {
+    let _ = handle();
+    counter!(KAFKA_RECORDS, "topic" => topic.to_string(), "outcome" => outcome).increment(n);
+}
+
+/// A Kafka fetch or batch transaction that failed at `stage` (`fetch`, `database`, `produce`).
+pub fn kafka_error(topic: &str, stage: &'static str) {
+    let _ = handle();
+    counter!(KAFKA_ERRORS, "topic" => topic.to_string(), "stage" => stage).increment(1);
+}
+
+/// The lag of one partition after a batch.
+pub fn kafka_lag(topic: &str, partition: i32, lag: i64) {
+    let _ = handle();
+    gauge!(KAFKA_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
+        .set(lag.max(0) as f64);
 }
 
 /// One recorded attempt.

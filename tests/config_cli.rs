@@ -472,3 +472,26 @@ async fn the_daemons_sessions_use_the_configured_synchronous_commit() {
     let e = parse_main("synchronous_commit = \"sometimes\"").unwrap_err();
     assert!(e.contains("key `synchronous_commit`"), "{e}");
 }
+
+/// `[kafka]` is off unless present; its keys are checked and named; `OUTBOXD_KAFKA_BROKERS`
+/// (comma-separated) replaces the brokers.
+#[test]
+fn the_kafka_section_is_parsed_checked_and_overridden_by_env() {
+    assert!(parse_main("").unwrap().kafka.is_none());
+    let cfg = Config::parse(
+        "[kafka]\nbrokers = [\"k1:9092\"]\nsend_topic = \"outbox.send\"\nbatch_records = 7\n",
+        Path::new("/etc/outboxd/outboxd.toml"),
+        |k| (k == "OUTBOXD_KAFKA_BROKERS").then(|| "a:1, b:2".to_string()),
+    )
+    .unwrap();
+    let k = cfg.kafka.unwrap();
+    assert_eq!(k.brokers, ["a:1", "b:2"]);
+    assert_eq!((k.batch_records, k.group.as_str()), (7, "outboxd"));
+    let e = parse_main("[kafka]\nbrokers = [\"k:9092\"]\nsend_topic = \"s\"\nbatch_records = 0\n")
+        .unwrap_err();
+    assert!(e.contains("kafka.batch_records"), "{e}");
+    let e = parse_main("[kafka]\nbrokers = [\"k:9092\"]\nsend_topc = \"s\"\n").unwrap_err();
+    assert!(e.contains("send_topc"), "{e}");
+    let e = parse_main("[kafka]\nsend_topic = \"s\"\n").unwrap_err();
+    assert!(e.contains("kafka.brokers"), "{e}");
+}

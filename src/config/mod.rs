@@ -67,6 +67,7 @@ struct MainFile {
     source: Option<SourceMode>,
     apostol: Option<crate::apostol::config::ApostolFile>,
     tasks: Option<crate::schedule::TasksConfig>,
+    kafka: Option<crate::kafka::KafkaConfig>,
     cards: Option<crate::render::fonts::CardsConfig>,
     #[serde(default)]
     connectors: BTreeMap<String, PathBuf>,
@@ -166,6 +167,8 @@ pub struct Config {
     pub retention: Retention,
     /// The task scheduler (`[tasks]`).
     pub tasks: crate::schedule::TasksConfig,
+    /// The Kafka trigger (`[kafka]`); off when `None`.
+    pub kafka: Option<crate::kafka::KafkaConfig>,
     /// Picture cards: fonts (parsed once at start), the fallback list, the backgrounds directory.
     pub cards: crate::render::fonts::CardsConfig,
     /// Connector kind → its `.conf` file.
@@ -204,6 +207,7 @@ impl Default for Config {
             api_tokens: Vec::new(),
             retention: Retention::default(),
             tasks: Default::default(),
+            kafka: None,
             cards: Default::default(),
             connectors: BTreeMap::new(),
             routes: BTreeMap::new(),
@@ -272,6 +276,7 @@ impl Config {
             }
         }
         crate::apostol::config::apply_env(&mut table, &env);
+        crate::kafka::apply_env(&mut table, &env);
         let main: MainFile =
             deserialize_table(table).map_err(|(key, msg)| ConfigError::new(&file, key, msg))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -346,6 +351,7 @@ impl Config {
                 },
             },
             tasks: main.tasks.unwrap_or_default(),
+            kafka: main.kafka,
             cards: main.cards.unwrap_or_default().resolve(base),
             connectors: main
                 .connectors
@@ -476,6 +482,9 @@ impl Config {
             }
         }
         if let Err((key, msg)) = self.tasks.check() {
+            return err(key, msg);
+        }
+        if let Some(Err((key, msg))) = self.kafka.as_ref().map(|k| k.check()) {
             return err(key, msg);
         }
         for kind in self.connectors.keys() {

@@ -43,6 +43,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (14, "cards", include_str!("../../sql/014_cards.sql")),
     (15, "tasks", include_str!("../../sql/015_tasks.sql")),
+    (16, "kafka", include_str!("../../sql/016_kafka.sql")),
     (
         17,
         "card_media",

@@ -249,6 +249,17 @@ impl DerefMut for Conn {
     }
 }
 
+impl Conn {
+    /// Closes the connection instead of returning it to the pool: after an error inside an
+    /// explicit transaction (`BEGIN` … `COMMIT` as statements), whose state the pool cannot see.
+    /// The server rolls back whatever the session had not committed.
+    pub fn discard(mut self) {
+        if let Some(obj) = self.obj.take() {
+            drop(deadpool_postgres::Object::take(obj));
+        }
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         let Some((call, slot)) = &self.tracked else {

@@ -91,6 +91,8 @@ pub struct Controls {
     pub notifier: crate::systemd::Notifier,
     /// The task scheduler's clock (the system clock unless a test sets a manual one).
     pub clock: crate::schedule::Clock,
+    /// Fault injection for the Kafka trigger's crash tests (off by default).
+    pub kafka_faults: crate::kafka::Faults,
 }
 
 /// A short, unique name for this daemon: host-pid-random.
@@ -255,6 +257,21 @@ pub async fn run(
             shared.worker.clone(),
         );
         background.spawn(scheduler.run(background_stop.clone()));
+    }
+    if let Some(kafka) = &cfg.kafka {
+        // Its own small pool: a partition's batch transaction holds a connection while it runs.
+        let db = Db::connect(
+            cfg.database_url.expose(),
+            crate::kafka::POOL_SIZE,
+            cfg.db_timeout,
+            None,
+        )?;
+        background.spawn(crate::kafka::run(
+            kafka.clone(),
+            db,
+            controls.kafka_faults.clone(),
+            background_stop.clone(),
+        ));
     }
     if cfg.retention.enabled() {
         background.spawn(retention::run(
