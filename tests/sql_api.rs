@@ -519,6 +519,37 @@ async fn migrations_apply_once() {
     assert_eq!(n as usize, outboxd::db::migrate::MIGRATIONS.len());
 }
 
+/// Migration 19: the recording step is planned per call with the arrays' real lengths; a
+/// generic plan joined the batch as a nested loop over every message in flight (issue 9). A
+/// later migration that re-creates the function must keep the setting.
+#[tokio::test]
+async fn record_outcomes_is_planned_for_each_batch() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let config: Vec<String> = c
+        .query_one(
+            "SELECT coalesce(proconfig, '{}') FROM pg_proc \
+              WHERE oid = 'outbox.record_outcomes(text, uuid[], uuid[], integer[], text[], text[], \
+                            text[], integer[], text[], integer[], integer[], text[], text[])'::regprocedure",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        config
+            .iter()
+            .any(|s| s == "plan_cache_mode=force_custom_plan"),
+        "{config:?}"
+    );
+    assert!(
+        config
+            .iter()
+            .any(|s| s.starts_with("search_path=pg_catalog")),
+        "{config:?}"
+    );
+}
+
 #[tokio::test]
 async fn purge_removes_old_finished_messages_with_their_logs_and_replies() {
     let db = TestDb::new().await;

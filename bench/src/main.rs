@@ -9,6 +9,7 @@
 //! the burn-down and latency scenarios. Run it through `bash bench/run`.
 
 mod pg;
+mod pgcost;
 mod procs;
 mod report;
 mod scenarios;
@@ -35,6 +36,9 @@ pub struct Opts {
     /// Messages in the burn-down backlog (and per floor run).
     #[arg(long, default_value_t = 100_000)]
     pub messages: u64,
+    /// Messages of the big burn-down (opt-in: 0 skips it; 1,000,000 takes a few minutes).
+    #[arg(long, env = "BENCH_BIG_MESSAGES", default_value_t = 0)]
+    pub big_messages: u64,
     /// Messages per graphile-worker burn-down run (default: --messages).
     #[arg(long)]
     pub peer_messages: Option<u64>,
@@ -95,7 +99,7 @@ pub struct Opts {
     /// pgbench clients for the floor (the best run is reported).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub floor_clients: Vec<usize>,
-    /// Only these scenarios (sink,floor,burn,latency,idle,memory,smtp,peer); default all.
+    /// Only these scenarios (sink,floor,burn,big,latency,idle,memory,smtp,peer); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the JSON results and the work files (configs, logs) go.

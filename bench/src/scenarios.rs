@@ -9,6 +9,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::pg::{self, BenchDb};
+use crate::pgcost::{self, Cost, Meter};
 use crate::procs::{self, GraphileSettings, OutboxdSettings, Proc};
 use crate::report::{thousands, Percentiles, Report};
 use crate::sink::Sink;
@@ -16,6 +17,15 @@ use crate::Opts;
 
 /// Warm-up messages before each latency measurement (not counted).
 const WARMUP: u64 = 50;
+
+/// Which burn-down: HTTP POSTs of `--messages`, SMTP mails, or the big HTTP backlog
+/// (`--big-messages`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Burn {
+    Http,
+    Smtp,
+    Big,
+}
 
 /// Which system a scenario drives.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -50,6 +60,9 @@ impl System {
 
 struct Bench {
     opts: Opts,
+    /// A connection to the admin database (WAL positions), and the postmaster's pid (CPU).
+    admin: tokio_postgres::Client,
+    postmaster: u32,
     sink: Arc<Sink>,
     work: PathBuf,
     report: Report,
@@ -69,6 +82,7 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
         .max(opts.memory_backlog)
         .max(peer_messages)
         .max(opts.smtp_messages)
+        .max(opts.big_messages)
         .max(opts.latency_messages + WARMUP + opts.rate * opts.rate_secs) as usize
         + 1_000;
     let sink = Sink::start(slots)?;
@@ -79,7 +93,11 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
         poll_interval: "60s".into(),
         smtp_pool_size: opts.smtp_pool_size,
     };
+    let admin = pg::connect(&opts.admin_url).await?;
+    let postmaster = pgcost::postmaster_pid(&admin).await?;
     let mut b = Bench {
+        admin,
+        postmaster,
         sink,
         work,
         report: Report::default(),
@@ -101,7 +119,21 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
         b.floor().await?;
     }
     if opts.wants("burn") {
-        b.burn(System::Outboxd, None, opts.messages, false).await?;
+        b.burn(System::Outboxd, None, opts.messages, Burn::Http)
+            .await?;
+    }
+    if opts.wants("big") {
+        if opts.big_messages > 0 {
+            b.burn(System::Outboxd, None, opts.big_messages, Burn::Big)
+                .await?;
+        } else {
+            b.report.row(
+                "burn-down (big)",
+                "outboxd, big backlog",
+                "-",
+                "skipped: opt-in, BENCH_BIG_MESSAGES=1000000 (or --big-messages N)",
+            );
+        }
     }
     if opts.wants("latency") {
         b.latency(System::Outboxd, None).await?;
@@ -113,7 +145,7 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
         b.memory().await?;
     }
     if opts.wants("smtp") {
-        b.burn(System::Outboxd, None, opts.smtp_messages, true)
+        b.burn(System::Outboxd, None, opts.smtp_messages, Burn::Smtp)
             .await?;
         b.nodemailer(opts.smtp_messages).await?;
     }
@@ -232,6 +264,8 @@ impl Bench {
     async fn floor(&mut self) -> anyhow::Result<()> {
         let batch = 500u64;
         let mut best = 0.0f64;
+        let mut best_cost: Option<Cost> = None;
+        let mut best_total = 0;
         let mut runs = Vec::new();
         for &clients in &self.opts.floor_clients.clone() {
             let per_client = (self.opts.messages / batch / clients as u64).max(1);
@@ -247,8 +281,10 @@ impl Bench {
             let from = self.take_numbers(total);
             pg::enqueue_outbox(&c, from, total, false).await?;
             drop(c);
+            self.admin.batch_execute("CHECKPOINT").await?;
+            let mut meter = Meter::start(&self.admin, self.postmaster, &db.name, vec![]).await?;
             let u = url::Url::parse(&db.url)?;
-            let out = std::process::Command::new("pgbench")
+            let out = tokio::process::Command::new("pgbench")
                 .args(["-n", "-M", "prepared", "-f"])
                 .arg(Path::new("bench/floor.sql"))
                 .args(["-D", &format!("batch={batch}")])
@@ -265,8 +301,16 @@ impl Bench {
                     },
                 ])
                 .arg(&db.name)
-                .output()
-                .context("run pgbench")?;
+                .kill_on_drop(true)
+                .output();
+            tokio::pin!(out);
+            let out = loop {
+                tokio::select! {
+                    r = &mut out => break r.context("run pgbench")?,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => meter.sample(),
+                }
+            };
+            let cost = meter.finish(&self.admin).await?;
             let text = String::from_utf8_lossy(&out.stdout).to_string();
             anyhow::ensure!(
                 out.status.success(),
@@ -285,20 +329,30 @@ impl Bench {
             drop(c);
             anyhow::ensure!(left == 0, "floor left {left} messages unsubmitted");
             let rate = tps * batch as f64;
-            best = best.max(rate);
-            runs.push(
-                json!({"clients": clients, "messages": total, "tps": tps, "messages_per_s": rate}),
-            );
+            if rate > best {
+                best = rate;
+                best_cost = Some(cost);
+                best_total = total;
+            }
+            runs.push(json!({"clients": clients, "messages": total, "tps": tps,
+                             "messages_per_s": rate, "postgres": cost.json(total)}));
             self.report.row(
                 "floor",
                 &format!("pgbench claim+record, {clients} client(s)"),
                 format!("{} msg/s", thousands(rate)),
-                format!("{total} messages, batches of {batch}"),
+                format!(
+                    "{total} messages, batches of {batch}, after a CHECKPOINT; {}",
+                    cost.show(total)
+                ),
             );
             db.drop_now().await?;
         }
         self.report.set("floor", "runs", json!(runs));
         self.report.set("floor", "best_messages_per_s", json!(best));
+        if let Some(cost) = best_cost {
+            self.report
+                .set("floor", "best_postgres", cost.json(best_total));
+        }
         Ok(())
     }
 
@@ -356,11 +410,13 @@ impl Bench {
         system: System,
         g: Option<&GraphileSettings>,
         count: u64,
-        smtp: bool,
+        kind: Burn,
     ) -> anyhow::Result<f64> {
+        let smtp = kind == Burn::Smtp;
         let tag = match g {
             Some(g) => format!("burn_graphile_c{}", g.concurrency),
             None if smtp => "burn_outboxd_smtp".to_string(),
+            None if kind == Burn::Big => "burn_outboxd_big".to_string(),
             None => "burn_outboxd".to_string(),
         };
         let db = self.fresh_db(system, &tag).await?;
@@ -378,15 +434,29 @@ impl Bench {
         ))
         .await?;
         let xacts_before = db.xacts().await?;
+        // A checkpoint first, so every run starts with the same full-page-write debt.
+        self.admin.batch_execute("CHECKPOINT").await?;
+        let mut meter = Meter::start(
+            &self.admin,
+            self.postmaster,
+            &db.name,
+            vec![pgcost::backend_pid(&c).await?],
+        )
+        .await?;
         let p = self.start(system, &db, &tag, g)?;
         let spawned = p.started;
         let timeout = Duration::from_secs(self.opts.timeout_secs);
         let mut peak_rss = 0;
         let deadline = Instant::now() + timeout;
+        let mut sampled = Instant::now();
         while self.sink.count() < count && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
             if let Some((hwm, _)) = p.memory_kib() {
                 peak_rss = peak_rss.max(hwm);
+            }
+            if sampled.elapsed() >= Duration::from_millis(50) {
+                meter.sample();
+                sampled = Instant::now();
             }
         }
         let delivered_at = Instant::now();
@@ -401,9 +471,11 @@ impl Bench {
             if left == 0 || Instant::now() >= deadline {
                 break;
             }
+            meter.sample();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let done_at = Instant::now();
+        let cost = meter.finish(&self.admin).await?;
         if let Some((hwm, _)) = p.memory_kib() {
             peak_rss = peak_rss.max(hwm);
         }
@@ -448,6 +520,7 @@ impl Bench {
         let section = match g {
             Some(_) => "peer burn-down".to_string(),
             None if smtp => "smtp".to_string(),
+            None if kind == Burn::Big => "burn-down (big)".to_string(),
             None => "burn-down".to_string(),
         };
         let label = match g {
@@ -467,13 +540,15 @@ impl Bench {
             &label,
             format!("{} msg/s", thousands(rate)),
             format!(
-                "first receipt→all recorded {steady:.2}s; start-up {startup:.2}s; {} txns ({:.1}/1k msgs); CPU {:.2}s ({:.0} µs/msg); dup {}; peak RSS {:.1} MiB",
+                "first receipt→all recorded {steady:.2}s; start-up {startup:.2}s; {} txns ({:.1}/1k msgs); its own CPU {:.2}s ({:.0} µs/msg); {}; dup {}; peak RSS {:.1} MiB; enqueue {:.1}s",
                 thousands(xacts as f64),
                 xacts as f64 * 1000.0 / count as f64,
                 cpu,
                 cpu * 1e6 / count as f64,
+                cost.show(count),
                 self.sink.duplicates(),
-                peak_rss as f64 / 1024.0
+                peak_rss as f64 / 1024.0,
+                enqueue.as_secs_f64()
             ),
         );
         let key = match g {
@@ -485,6 +560,8 @@ impl Bench {
                 "peer_burn_down"
             } else if smtp {
                 "smtp"
+            } else if kind == Burn::Big {
+                "burn_down_big"
             } else {
                 "burn_down"
             },
@@ -493,6 +570,7 @@ impl Bench {
                    "startup_s": startup, "last_receipt_to_recorded_s": record_lag,
                    "enqueue_s": enqueue.as_secs_f64(), "transactions": xacts,
                    "duplicates": self.sink.duplicates(), "peak_rss_kib": peak_rss, "cpu_s": cpu,
+                   "cpu_us_per_msg": cpu * 1e6 / count as f64, "postgres": cost.json(count),
                    "graphile": g,
                    "functions": functions.iter().map(|f| json!({"name": f.name, "calls": f.calls,
                        "total_ms": f.total_ms, "self_ms": f.self_ms})).collect::<Vec<_>>()}),
@@ -937,16 +1015,23 @@ impl Bench {
                 max_pool_size: (c + 2).clamp(10, 40),
                 poll_interval_ms: 2000,
             };
-            let rate = self.burn(System::Graphile, Some(&g), count, false).await?;
+            let rate = self
+                .burn(System::Graphile, Some(&g), count, Burn::Http)
+                .await?;
             if best.as_ref().map_or(true, |(r, _)| rate > *r) {
                 best = Some((rate, g));
             }
         }
-        let Some((rate, _)) = best else {
+        let Some((rate, best_g)) = best else {
             return Ok(());
         };
         self.report
             .set("peer_burn_down", "best_messages_per_s", json!(rate));
+        self.report.set(
+            "peer_burn_down",
+            "best_key",
+            json!(format!("c{}", best_g.concurrency)),
+        );
         // Latency is about wake-up, not throughput: graphile-worker's docs say a local queue can
         // add latency and advise a small one or none at low throughput, and batched completion
         // only delays the bookkeeping; so: the sweep's smallest concurrency, neither feature.
@@ -987,10 +1072,62 @@ impl Bench {
             rows.push((
                 "outboxd / outbox floor",
                 format!("{:.0} %", 100.0 * o / fl),
-                "target ≥40 %".to_string(),
+                "target ≥60 %".to_string(),
                 json!(o / fl),
                 "vs_floor",
             ));
+        }
+        // Per delivered message, outboxd's 100k burn-down against graphile-worker's best setting.
+        let ours = &f["burn_down"]["outboxd"];
+        let theirs = f["peer_burn_down"]["best_key"]
+            .as_str()
+            .map(|k| &f["peer_burn_down"][k]);
+        let per_msg = [
+            (
+                "PostgreSQL CPU/msg, outboxd / graphile",
+                "/postgres/server_cpu_us_per_msg",
+                "µs",
+                "target ≤½ (server-wide: every postgres process incl. exited backends)",
+                "pg_cpu_vs_graphile",
+            ),
+            (
+                "PostgreSQL CPU/msg in its db's backends, outboxd / graphile",
+                "/postgres/database_cpu_us_per_msg",
+                "µs",
+                "target ≤½ (only the backends of the bench database: less noise from other users)",
+                "pg_db_cpu_vs_graphile",
+            ),
+            (
+                "WAL bytes/msg, outboxd / graphile",
+                "/postgres/wal_bytes_per_msg",
+                "B",
+                "target ≤1×, stretch ≤½ (server-wide pg_current_wal_lsn difference)",
+                "wal_vs_graphile",
+            ),
+            (
+                "own CPU/msg, outboxd / graphile-worker process",
+                "/cpu_us_per_msg",
+                "µs",
+                "(the daemon's process vs node's)",
+                "process_cpu_vs_graphile",
+            ),
+        ];
+        for (what, ptr, unit, target, key) in per_msg {
+            if let (Some(o), Some(p)) = (
+                ours.pointer(ptr).and_then(|v| v.as_f64()),
+                theirs.and_then(|t| t.pointer(ptr)).and_then(|v| v.as_f64()),
+            ) {
+                rows.push((
+                    what,
+                    format!(
+                        "{:.2}× ({o:.0} vs {p:.0} {unit})",
+                        o / p.max(f64::MIN_POSITIVE)
+                    ),
+                    target.to_string(),
+                    json!({"ratio": o / p.max(f64::MIN_POSITIVE), "outboxd": o, "graphile": p}),
+                    key,
+                ));
+            }
         }
         if let (Some(o), Some(n)) = (
             f["smtp"]["outboxd"]["messages_per_s"].as_f64(),

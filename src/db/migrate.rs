@@ -50,6 +50,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/017_card_media.sql"),
     ),
     (18, "dd_center", include_str!("../../sql/018_dd_center.sql")),
+    (19, "hot_path", include_str!("../../sql/019_hot_path.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
