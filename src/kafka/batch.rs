@@ -219,16 +219,14 @@ async fn handle(
             msg.code.get_or_insert_with(|| {
                 format!("kafka:{}:{}:{}", src.topic, src.partition, rec.offset)
             });
-            crate::ops::send(c, &msg)
-                .await
-                .map_err(|e| refusal(e, false))?;
+            crate::ops::send(c, &msg).await.map_err(refusal)?;
             Ok(Handled::Enqueued)
         }
         Kind::Task => {
             let task = task_of(value).map_err(|m| Refused::Poison(ErrorKind::Invalid.code(), m))?;
             c.query_one("SELECT api.run_task($1::text)", &[&task])
                 .await
-                .map_err(|e| refusal(e.into(), true))?;
+                .map_err(|e| refusal(e.into()))?;
             Ok(Handled::Run)
         }
     }
@@ -236,14 +234,10 @@ async fn handle(
 
 /// A database error of one record: the outbox's own refusals and data errors are the record's
 /// fault (the same classes the REST API answers with 400/404); anything else is retried.
-fn refusal(e: DbError, task: bool) -> Refused {
-    match e.code().as_deref() {
-        Some("ERR-400-031") => Refused::Poison(ErrorKind::UnknownAgent.code(), e.to_string()),
-        Some("ERR-400-060") if task => Refused::Poison(ErrorKind::NotFound.code(), e.to_string()),
-        Some(c) if c.starts_with("ERR-400") || c.starts_with("22") || c.starts_with("23") => {
-            Refused::Poison(ErrorKind::Invalid.code(), e.to_string())
-        }
-        _ => Refused::Db(e),
+fn refusal(e: DbError) -> Refused {
+    match crate::server::envelope::refusal_kind(&e) {
+        Some(kind) => Refused::Poison(kind.code(), e.to_string()),
+        None => Refused::Db(e),
     }
 }
 

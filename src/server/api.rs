@@ -249,11 +249,10 @@ async fn send(
 /// A database error as the envelope reports it: the outbox's own `ERR-…` refusals are the
 /// client's fault (with the text PostgreSQL gave); anything else is the server's.
 pub(super) fn db_failure(e: &crate::db::DbError) -> Failure {
-    match e.code().as_deref() {
-        Some("ERR-400-031") => Failure::new(ErrorKind::UnknownAgent, e.to_string()),
-        Some(c) if c.starts_with("ERR-400") || c.starts_with("22") || c.starts_with("23") => {
-            Failure::new(ErrorKind::Invalid, e.to_string())
-        }
+    if let Some(kind) = envelope::refusal_kind(e) {
+        return Failure::new(kind, e.to_string());
+    }
+    match e.code() {
         Some(_) => {
             tracing::error!(error = %e, "REST enqueue failed");
             Failure::new(ErrorKind::Database, "the database refused the request")

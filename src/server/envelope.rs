@@ -23,6 +23,21 @@ pub fn ok(data: Value, count: usize) -> Response {
         .into_response()
 }
 
+/// The kind of refusal a database error is when it is the request's fault — the outbox's own
+/// `ERR-400-*` refusals (`ERR-400-031` unknown agent, `ERR-400-060` unknown task) and data errors
+/// (SQLSTATE classes 22 and 23) — or `None` when it is the server's (or the database is down).
+/// Shared by the REST enqueue and the Kafka trigger, which dead-letters exactly these.
+pub fn refusal_kind(e: &crate::db::DbError) -> Option<ErrorKind> {
+    match e.code()?.as_str() {
+        "ERR-400-031" => Some(ErrorKind::UnknownAgent),
+        "ERR-400-060" => Some(ErrorKind::NotFound),
+        c if c.starts_with("ERR-400") || c.starts_with("22") || c.starts_with("23") => {
+            Some(ErrorKind::Invalid)
+        }
+        _ => None,
+    }
+}
+
 /// Every kind of failure, with its stable code and HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
