@@ -70,8 +70,9 @@ pub async fn status(client: &tokio_postgres::Client) -> Result<Status, DbError> 
         .collect();
     let oldest: Option<f64> = client
         .query_one(
-            "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox.messages \
-             WHERE state = 'prepared'",
+            "SELECT extract(epoch FROM now() - min(m.created_at))::float8 \
+               FROM outbox.queue q JOIN outbox.messages m ON m.id = q.message_id \
+              WHERE NOT q.leased",
             &[],
         )
         .await?

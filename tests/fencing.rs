@@ -69,15 +69,7 @@ async fn reclaim_until_one(c: &tokio_postgres::Client) {
 }
 
 async fn history(c: &tokio_postgres::Client, id: Uuid) -> Vec<String> {
-    c.query(
-        "SELECT action FROM outbox.history WHERE message_id = $1 ORDER BY id",
-        &[&id],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
+    history_actions(c, id).await
 }
 
 #[tokio::test]

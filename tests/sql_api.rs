@@ -490,17 +490,10 @@ async fn hot_path_claims_skip_locked_and_ignores_stale_outcomes() {
     );
     assert_eq!(r.get::<_, String>(2), "lease-expired");
     assert_eq!(r.get::<_, String>(3), "w1");
-    let actions: Vec<String> = c
-        .query(
-            "SELECT action FROM outbox.history WHERE message_id = $1 ORDER BY id",
-            &[&stolen],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(actions, ["create", "submit", "send", "reclaim"]);
+    assert_eq!(
+        history_actions(&c, stolen).await,
+        ["create", "submit", "send", "reclaim"]
+    );
 }
 
 #[tokio::test]

@@ -141,14 +141,11 @@ pub async fn enqueue_outbox(
     Ok(t.elapsed())
 }
 
-/// Messages not yet submitted (outboxd).
+/// Messages still to deliver (outboxd): prepared or sending, the rows of its queue.
 pub async fn outbox_remaining(c: &Client) -> anyhow::Result<i64> {
-    Ok(c.query_one(
-        "SELECT count(*) FROM outbox.messages WHERE class = 'outbox' AND state <> 'submitted'",
-        &[],
-    )
-    .await?
-    .get(0))
+    Ok(c.query_one("SELECT count(*) FROM outbox.queue", &[])
+        .await?
+        .get(0))
 }
 
 /// Enqueues `count` jobs of task `post` for graphile-worker in one statement (`add_jobs`).

@@ -151,7 +151,7 @@ impl Meter {
         // "postgres: 15/main: <user> <database> <host>(<port>) <state>", NUL-terminated.
         !self.exclude.contains(&pid)
             && title
-                .split(|c: char| c == ' ' || c == '\0')
+                .split([' ', '\0'])
                 .any(|w| w == self.database)
     }
 

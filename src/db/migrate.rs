@@ -51,6 +51,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (18, "dd_center", include_str!("../../sql/018_dd_center.sql")),
     (19, "hot_path", include_str!("../../sql/019_hot_path.sql")),
+    (20, "queue", include_str!("../../sql/020_queue.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"

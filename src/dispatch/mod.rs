@@ -1018,7 +1018,7 @@ async fn systemd_loop(
                     .timed("status", async {
                         let c = shared.db.pool().get().await?;
                         let row = c
-                            .query_one("SELECT count(*) FROM outbox.messages WHERE state = 'prepared'", &[])
+                            .query_one("SELECT count(*) FROM outbox.queue WHERE NOT leased", &[])
                             .await?;
                         Ok(row.get::<_, i64>(0))
                     })

@@ -299,6 +299,21 @@ pub async fn state_of(c: &tokio_postgres::Client, id: Uuid) -> String {
         .get(0)
 }
 
+/// The actions of a message's history as users see it (`api.message_history`: the logged changes
+/// and the claim and outcome transitions the attempt rows stand for), oldest first.
+pub async fn history_actions(c: &tokio_postgres::Client, id: Uuid) -> Vec<String> {
+    c.query(
+        "SELECT action FROM api.message_history WHERE message_id = $1 \
+         ORDER BY changed_at, CASE action WHEN 'create' THEN 0 WHEN 'submit' THEN 1 WHEN 'send' THEN 2 ELSE 3 END",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// Waits until message `id` is in `state`.
 pub async fn wait_state(c: &tokio_postgres::Client, id: Uuid, state: &str, timeout: Duration) {
     wait_for(timeout, &format!("message {id} to be {state}"), || async {
