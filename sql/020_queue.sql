@@ -252,8 +252,9 @@ BEGIN
         RETURNING m.id, m.code, m.agent_id, m.profile, m.address, m.subject, m.content, m.label,
                   m.attempts, m.max_attempts, m.priority, m.created_at
     ), leased AS (
+        -- By key (= ANY of an array: index lookups), never a hash join over the whole queue.
         UPDATE outbox.queue q SET leased = true, due_at = v_until
-          FROM claimed c WHERE q.message_id = c.id
+         WHERE q.message_id = ANY (ARRAY(SELECT c.id FROM claimed c))
     )
     SELECT c.id, c.code, a.type_code, a.code, c.profile, c.address, c.subject, c.content, c.label,
            c.attempts, c.max_attempts, c.priority, c.created_at
@@ -356,8 +357,8 @@ BEGIN
            AND coalesce(u.address, '') NOT LIKE 'chat:%'
         ON CONFLICT (message_id) DO NOTHING
     ), dequeued AS (
-        DELETE FROM outbox.queue q USING updated u
-         WHERE q.message_id = u.id AND u.state <> 'prepared'
+        DELETE FROM outbox.queue q
+         WHERE q.message_id = ANY (ARRAY(SELECT u.id FROM updated u WHERE u.state <> 'prepared'))
     ), requeued AS (
         UPDATE outbox.queue q SET leased = false, due_at = u.next_attempt_at
           FROM updated u
