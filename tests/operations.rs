@@ -44,6 +44,13 @@ async fn finished(c: &tokio_postgres::Client, outcome: &str, age: &str) -> Uuid 
     )
     .await
     .unwrap();
+    // Its log rows are as old (they move to the log partition of that time, sql/022).
+    for sql in [
+        "UPDATE outbox.attempts SET finished_at = now() - $2::text::interval WHERE message_id = $1",
+        "UPDATE outbox.history SET changed_at = now() - $2::text::interval WHERE message_id = $1",
+    ] {
+        c.execute(sql, &[&id, &age]).await.unwrap();
+    }
     id
 }
 
@@ -484,4 +491,87 @@ async fn retention_clears_task_bodies_variables_and_pictures() {
     }
     let again = retention::preview(&pool, &r).await.unwrap();
     assert_eq!((again.content_rows, again.task_body_rows), (0, 0));
+}
+
+#[tokio::test]
+async fn the_logs_are_weekly_partitions_and_old_weeks_are_dropped_whole() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let id = send(&c, "file.agent", "default", "a@b", "hello").await;
+    let week = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[&id]).await.unwrap().get::<_, String>(0) }
+    };
+    // This week's rows are in this week's partition (made by the migration, 4 weeks ahead).
+    let this_week: String = c
+        .query_one(
+            "SELECT 'outbox.history_w' || to_char(date_trunc('week', now() AT TIME ZONE 'UTC'), 'YYYYMMDD')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        week("SELECT DISTINCT tableoid::regclass::text FROM outbox.history WHERE message_id = $1")
+            .await,
+        this_week
+    );
+    // A week three weeks back, with the message's history moved into it.
+    let old: String = c
+        .query_one(
+            "SELECT 'history_w' || to_char(date_trunc('week', now() AT TIME ZONE 'UTC') - interval '21 days', 'YYYYMMDD')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(&format!(
+        "CREATE TABLE outbox.{old} PARTITION OF outbox.history FOR VALUES \
+         FROM ((date_trunc('week', now() AT TIME ZONE 'UTC') - interval '21 days') AT TIME ZONE 'UTC') \
+         TO ((date_trunc('week', now() AT TIME ZONE 'UTC') - interval '14 days') AT TIME ZONE 'UTC')"
+    ))
+    .await
+    .unwrap();
+    c.execute(
+        "UPDATE outbox.history SET changed_at = now() - interval '20 days' WHERE message_id = $1 AND action = 'create'",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        week("SELECT tableoid::regclass::text FROM outbox.history WHERE message_id = $1 AND action = 'create'").await,
+        format!("outbox.{old}")
+    );
+    // Kept 30 days: nothing goes. Kept 7 days: that week goes whole, this week stays.
+    let dropped = |age: &'static str| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT outbox.drop_log_partitions($1::text::interval)",
+                &[&age],
+            )
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+        }
+    };
+    assert_eq!(dropped("30 days").await, 0);
+    assert_eq!(dropped("7 days").await, 1);
+    let gone: bool = c
+        .query_one(
+            "SELECT to_regclass($1) IS NULL",
+            &[&format!("outbox.{old}")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone);
+    assert_eq!(history_actions(&c, id).await, ["submit"]);
+    // Making the weeks ahead again is a no-op.
+    let made: i32 = c
+        .query_one("SELECT outbox.ensure_log_partitions(4)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(made, 0);
 }

@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (18, "dd_center", include_str!("../../sql/018_dd_center.sql")),
     (19, "hot_path", include_str!("../../sql/019_hot_path.sql")),
     (20, "queue", include_str!("../../sql/020_queue.sql")),
+    (
+        22,
+        "log_partitions",
+        include_str!("../../sql/022_log_partitions.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
@@ -138,6 +143,10 @@ async fn apply(client: &tokio_postgres::Client) -> Result<Vec<i32>, DbError> {
         }
         applied.push(*version);
     }
+    // The logs' weekly partitions for the weeks ahead (sql/022); idempotent and cheap.
+    client
+        .execute("SELECT outbox.ensure_log_partitions(4)", &[])
+        .await?;
     Ok(applied)
 }
 

@@ -1,5 +1,6 @@
 //! Retention: clears the content of finished messages after `content_after` and deletes them (with
-//! replies, attempts and history) after `delete_after`, in batches of `batch_size` messages, each
+//! their replies) after `delete_after`, and drops the weeks of the attempt and history logs older
+//! than `delete_after` (sql/022), in batches of `batch_size` messages, each
 //! batch one short transaction (`outbox.clear_content`, `outbox.purge_batch` of sql/005). The
 //! content step clears everything that repeats what a message said: its content, its template
 //! variables (and so its rendered picture, sql/014) and the read-link body a task stored for it
@@ -28,6 +29,8 @@ pub enum Phase {
 pub struct Purged {
     pub contents_cleared: u64,
     pub messages_deleted: u64,
+    /// Weekly partitions of the attempt and history logs dropped (sql/022).
+    pub log_partitions_dropped: u64,
     /// Another daemon held the retention lock.
     pub busy: bool,
 }
@@ -100,6 +103,26 @@ pub async fn run_once(
             tokio::task::yield_now().await;
         }
     }
+    // The logs (sql/022): the weeks ahead are made, the weeks past `delete_after` dropped.
+    let age = r.delete_after.map(interval);
+    out.log_partitions_dropped = db
+        .timed("retention", async {
+            let c = db.pool().get().await?;
+            c.execute("SELECT outbox.ensure_log_partitions(4)", &[])
+                .await?;
+            let dropped: i32 = match &age {
+                Some(age) => c
+                    .query_one(
+                        "SELECT outbox.drop_log_partitions($1::text::interval)",
+                        &[age],
+                    )
+                    .await?
+                    .get(0),
+                None => 0,
+            };
+            Ok(dropped as u64)
+        })
+        .await?;
     Ok(out)
 }
 
