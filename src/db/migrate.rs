@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (18, "dd_center", include_str!("../../sql/018_dd_center.sql")),
     (19, "hot_path", include_str!("../../sql/019_hot_path.sql")),
+    (
+        21,
+        "task_wakeups",
+        include_str!("../../sql/021_task_wakeups.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
