@@ -60,6 +60,17 @@ async fn one<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     c.query_one(sql, params).await.unwrap().get(0)
 }
 
+/// Some when execution `run` has every recipient enqueued.
+async fn run_enqueued(c: &tokio_postgres::Client, run: i64) -> Option<()> {
+    let state: String = one(
+        c,
+        "SELECT state FROM outbox.task_runs WHERE id = $1",
+        &[&run],
+    )
+    .await;
+    (state == "enqueued").then_some(())
+}
+
 /// "hourly at :45" created at 5:25 first runs at 6:45 (not 5:45), then every hour; a daily task
 /// keeps its local time across the change to summer time; paused tasks do not run and resume
 /// from the resume time.
@@ -313,13 +324,7 @@ async fn a_crash_mid_fan_out_enqueues_every_recipient_once() {
     let second = scheduler(&db, &clock, 1000, "second");
     wait_for(T, "the execution to be enqueued", || async {
         second.tick().await.unwrap();
-        let state: String = one(
-            &c,
-            "SELECT state FROM outbox.task_runs WHERE id = $1",
-            &[&run],
-        )
-        .await;
-        (state == "enqueued").then_some(())
+        run_enqueued(&c, run).await
     })
     .await;
     let r = c
@@ -875,19 +880,9 @@ async fn an_idle_daemon_makes_no_task_queries_between_polls() {
     );
 
     let run: i64 = one(&c, "SELECT api.run_task('news')", &[]).await;
-    wait_for(
-        Duration::from_secs(10),
-        "the manual run fanned out",
-        || async {
-            let state: String = one(
-                &c,
-                "SELECT state FROM outbox.task_runs WHERE id = $1",
-                &[&run],
-            )
-            .await;
-            (state == "enqueued").then_some(())
-        },
-    )
+    wait_for(Duration::from_secs(10), "the manual run fanned out", || {
+        run_enqueued(&c, run)
+    })
     .await;
 
     c.execute(
