@@ -60,6 +60,17 @@ async fn one<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     c.query_one(sql, params).await.unwrap().get(0)
 }
 
+/// Some when execution `run` has every recipient enqueued.
+async fn run_enqueued(c: &tokio_postgres::Client, run: i64) -> Option<()> {
+    let state: String = one(
+        c,
+        "SELECT state FROM outbox.task_runs WHERE id = $1",
+        &[&run],
+    )
+    .await;
+    (state == "enqueued").then_some(())
+}
+
 /// "hourly at :45" created at 5:25 first runs at 6:45 (not 5:45), then every hour; a daily task
 /// keeps its local time across the change to summer time; paused tasks do not run and resume
 /// from the resume time.
@@ -313,13 +324,7 @@ async fn a_crash_mid_fan_out_enqueues_every_recipient_once() {
     let second = scheduler(&db, &clock, 1000, "second");
     wait_for(T, "the execution to be enqueued", || async {
         second.tick().await.unwrap();
-        let state: String = one(
-            &c,
-            "SELECT state FROM outbox.task_runs WHERE id = $1",
-            &[&run],
-        )
-        .await;
-        (state == "enqueued").then_some(())
+        run_enqueued(&c, run).await
     })
     .await;
     let r = c
@@ -767,4 +772,190 @@ async fn bad_tasks_are_refused_with_codes() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "42501", "the fan-out is the daemon's");
+}
+
+/// A daemon session of this database, as pg_stat_activity shows it (live, unlike the cumulative
+/// statistics, which are flushed up to 10 s late).
+#[derive(Debug, PartialEq)]
+struct Session {
+    pid: i32,
+    /// When its last statement started.
+    last_statement: Option<DateTime<Utc>>,
+    state: Option<String>,
+}
+
+/// Every daemon session, and whether it is idle and its last statement began over 500 ms ago.
+async fn daemon_sessions(c: &tokio_postgres::Client) -> Vec<(Session, bool)> {
+    c.query(
+        "SELECT pid, query_start, state, state = 'idle' AND \
+                coalesce(clock_timestamp() - query_start > interval '500 milliseconds', false) \
+           FROM pg_stat_activity \
+          WHERE datname = current_database() AND application_name LIKE 'outboxd%' \
+            AND pid <> pg_backend_pid() \
+          ORDER BY pid",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        let s = Session {
+            pid: r.get(0),
+            last_statement: r.get(1),
+            state: r.get(2),
+        };
+        (s, r.get(3))
+    })
+    .collect()
+}
+
+/// A daemon with the file connector (its poll: TestConfig's 60 s) and the given controls; the
+/// directory holds its spool.
+fn quiet_daemon(
+    db: &TestDb,
+    controls: outboxd::dispatch::Controls,
+) -> (tempfile::TempDir, TestConfig, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "[default]\npath = \"{}\"\n",
+        path_str(&dir.path().join("spool.jsonl"))
+    );
+    let mut tc = TestConfig::new(db, &[("file", &conf)]);
+    // The retry interval, which was the tick of every scheduler before sql/021.
+    tc.config.tasks.poll_interval = Duration::from_millis(20);
+    let daemon = Daemon::start_with(tc.config.clone(), controls);
+    (dir, tc, daemon)
+}
+
+/// Issue 9, "idle: no queries between polls": an idle daemon with the scheduler on (and a task
+/// planned for later) runs no statement at all between its 60 s polls — every daemon session's
+/// last statement stays the same over a window in which a scheduler ticking at
+/// tasks.poll_interval (20 ms here) would have run 150 ticks. Work still starts at once: an
+/// api.run_task is fanned out on its NOTIFY, and a task added now and due in a few seconds is
+/// planned on its NOTIFY and run at its time, both long before the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_makes_no_task_queries_between_polls() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    add_cover(&c).await;
+    c.execute(
+        "SELECT api.add_task('daily', 'cover', 'daily 09:30', '[\"ann@x\"]')",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "SELECT api.add_task('news', 'cover', 'manual', '[\"bob@x\"]')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (_dir, _tc, daemon) = quiet_daemon(&db, Default::default());
+    wait_listening(&c, T).await;
+    wait_for(T, "the daily task planned", || async {
+        one::<Option<DateTime<Utc>>>(
+            &c,
+            "SELECT next_run_at FROM outbox.tasks WHERE name = 'daily'",
+            &[],
+        )
+        .await
+    })
+    .await;
+    let before = wait_for(T, "every daemon session idle for 500 ms", || async {
+        let s = daemon_sessions(&c).await;
+        s.iter().all(|(_, quiet)| *quiet).then_some(s)
+    })
+    .await;
+    assert!(
+        before.len() >= 3,
+        "pool, scheduler and LISTEN sessions: {before:?}"
+    );
+    // The measurement window: nothing to wait for, the assertion is that nothing happens in it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sessions = |s: Vec<(Session, bool)>| s.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    assert_eq!(
+        sessions(daemon_sessions(&c).await),
+        sessions(before),
+        "no daemon session ran a statement between polls"
+    );
+
+    let run: i64 = one(&c, "SELECT api.run_task('news')", &[]).await;
+    wait_for(Duration::from_secs(10), "the manual run fanned out", || {
+        run_enqueued(&c, run)
+    })
+    .await;
+
+    c.execute(
+        "SELECT api.add_task('soon', 'cover', 'once ' || to_char(now() AT TIME ZONE 'UTC' \
+           + interval '3 seconds', 'YYYY-MM-DD HH24:MI:SS'), '[\"cy@x\"]')",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_for(
+        Duration::from_secs(15),
+        "the new task run at its time",
+        || async {
+            let n: i64 = one(
+                &c,
+                "SELECT count(*) FROM outbox.task_runs r JOIN outbox.tasks t ON t.id = r.task_id \
+              WHERE t.name = 'soon' AND r.trigger = 'schedule' AND r.state = 'enqueued'",
+                &[],
+            )
+            .await;
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    daemon.stop().await;
+}
+
+/// A running scheduler sleeps on its clock, not on real time: a task added under a manual clock
+/// is planned on its NOTIFY, and runs when the test moves the clock to its due time — with
+/// nothing else to wake the scheduler (the next poll is 60 s away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_scheduler_wakes_when_its_clock_reaches_the_due_time() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    add_cover(&c).await;
+    let clock = Clock::manual(utc("2026-12-02T05:25:00Z"));
+    let controls = outboxd::dispatch::Controls {
+        clock: clock.clone(),
+        ..Default::default()
+    };
+    let (_dir, _tc, daemon) = quiet_daemon(&db, controls);
+    wait_listening(&c, T).await;
+    c.execute(
+        "SELECT api.add_task('hourly', 'cover', 'hourly 45', '[\"ann@x\"]', pNow => $1)",
+        &[&clock.now()],
+    )
+    .await
+    .unwrap();
+    let next_run = || async {
+        one::<Option<DateTime<Utc>>>(
+            &c,
+            "SELECT next_run_at FROM outbox.tasks WHERE name = 'hourly'",
+            &[],
+        )
+        .await
+    };
+    let next = wait_for(T, "the task planned", next_run).await;
+    assert_eq!(next, utc("2026-12-02T06:45:00Z"));
+    let runs = || async {
+        one::<i64>(
+            &c,
+            "SELECT count(*) FROM outbox.task_runs WHERE state = 'enqueued'",
+            &[],
+        )
+        .await
+    };
+    assert_eq!(runs().await, 0);
+
+    clock.set(utc("2026-12-02T06:45:00Z"));
+    wait_for(Duration::from_secs(10), "the run at 6:45", || async {
+        (runs().await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(next_run().await, Some(utc("2026-12-02T07:45:00Z")));
+    daemon.stop().await;
 }

@@ -114,7 +114,7 @@ pub async fn run(
     background.spawn(crate::db::listener::run(
         listen_url,
         cfg.db_timeout,
-        wake.clone(),
+        vec![(crate::db::listener::CHANNEL, wake.clone())],
         controls.stats.clone(),
         background_stop.clone(),
     ));

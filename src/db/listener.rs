@@ -1,8 +1,9 @@
 //! The LISTEN connection: one dedicated connection (not from the pool) that LISTENs on channel
-//! `outbox` and turns every notification into a wake-up of the claim loop.
+//! `outbox` — and `outbox_tasks` when the task scheduler runs (sql/021) — and turns every
+//! notification into a wake-up of the loop behind its channel (the claim loop, the scheduler).
 //!
 //! Invariants: a notification is only a wake-up (its payload is not trusted or needed); after every
-//! (re)connect the claim loop is woken, since notifications sent while disconnected are lost; the
+//! (re)connect every loop is woken, since notifications sent while disconnected are lost; the
 //! connection is re-established with exponential backoff (100 ms … 30 s).
 
 use std::sync::Arc;
@@ -15,11 +16,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::DbError;
 
-/// Keeps a LISTEN connection open until `stop` is cancelled.
+/// The channel of the messages' wake-ups (`NOTIFY outbox`, sql/001).
+pub const CHANNEL: &str = "outbox";
+
+/// A channel to LISTEN on, and what its notifications wake.
+pub type Channel = (&'static str, Arc<Notify>);
+
+/// Keeps a LISTEN connection open on `channels` until `stop` is cancelled.
 pub async fn run(
     url: String,
     connect_timeout: Duration,
-    wake: Arc<Notify>,
+    channels: Vec<Channel>,
     stats: Arc<crate::dispatch::stats::Stats>,
     stop: CancellationToken,
 ) {
@@ -27,14 +34,14 @@ pub async fn run(
     loop {
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listen_once(&url, connect_timeout, &wake, &stats, &mut backoff) => r,
+            r = listen_once(&url, connect_timeout, &channels, &stats, &mut backoff) => r,
         };
         stats.set_listener_connected(false);
         if let Err(e) = outcome {
             tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost; polling covers the gap");
         }
-        // Whatever happened, the claim loop should look again.
-        wake.notify_one();
+        // Whatever happened, every loop should look again.
+        wake_all(&channels);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -43,10 +50,16 @@ pub async fn run(
     }
 }
 
+fn wake_all(channels: &[Channel]) {
+    for (_, wake) in channels {
+        wake.notify_one();
+    }
+}
+
 async fn listen_once(
     url: &str,
     connect_timeout: Duration,
-    wake: &Notify,
+    channels: &[Channel],
     stats: &crate::dispatch::stats::Stats,
     backoff: &mut Duration,
 ) -> Result<(), DbError> {
@@ -57,13 +70,18 @@ async fn listen_once(
     cfg.keepalives_idle(Duration::from_secs(30));
     cfg.application_name("outboxd-listen");
     let (client, mut conn) = target.connect().await?;
+    let names: Vec<&'static str> = channels.iter().map(|(name, _)| *name).collect();
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let known = names.clone();
     let pump = tokio::spawn(async move {
         let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(m) = stream.next().await {
             match m {
-                Ok(AsyncMessage::Notification(_)) => {
-                    if tx.send(Ok(())).is_err() {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let Some(i) = known.iter().position(|name| *name == n.channel()) else {
+                        continue;
+                    };
+                    if tx.send(Ok(i)).is_err() {
                         return;
                     }
                 }
@@ -76,16 +94,26 @@ async fn listen_once(
         }
     });
     let _abort = tokio_util::task::AbortOnDropHandle::new(pump);
-    tokio::time::timeout(connect_timeout, client.batch_execute("LISTEN outbox"))
+    // One statement per channel, `outbox` last: pg_stat_activity shows a session's last
+    // statement, and `LISTEN outbox` is what operators (and the tests) look for. The names are
+    // this crate's constants, not input: nothing to quote.
+    let (main, others): (Vec<&str>, Vec<&str>) = names.iter().partition(|n| **n == CHANNEL);
+    for name in others.into_iter().chain(main) {
+        tokio::time::timeout(
+            connect_timeout,
+            client.batch_execute(&format!("LISTEN {name}")),
+        )
         .await
         .unwrap_or_else(|_| Ok(()))?;
-    tracing::info!("listening on channel outbox");
+        // bench/run and bench/chaos wait for "listening on channel outbox".
+        tracing::info!("listening on channel {name}");
+    }
     stats.set_listener_connected(true);
     *backoff = Duration::from_millis(100);
-    wake.notify_one();
+    wake_all(channels);
     loop {
         match rx.recv().await {
-            Some(Ok(())) => wake.notify_one(),
+            Some(Ok(i)) => channels[i].1.notify_one(),
             Some(Err(e)) => return Err(e.into()),
             None => {
                 // The connection ended without an error: report it through a query on the client.

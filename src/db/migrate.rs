@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (19, "hot_path", include_str!("../../sql/019_hot_path.sql")),
     (20, "queue", include_str!("../../sql/020_queue.sql")),
     (
+        21,
+        "task_wakeups",
+        include_str!("../../sql/021_task_wakeups.sql"),
+    ),
+    (
         22,
         "log_partitions",
         include_str!("../../sql/022_log_partitions.sql"),

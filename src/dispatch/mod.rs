@@ -203,10 +203,16 @@ pub async fn run(
         .unwrap_or(&cfg.database_url)
         .expose()
         .to_string();
+    // The scheduler's wake-ups share the LISTEN connection (sql/021).
+    let tasks_wake = Arc::new(Notify::new());
+    let mut channels = vec![(crate::db::listener::CHANNEL, wake.clone())];
+    if cfg.tasks.enabled {
+        channels.push((crate::schedule::CHANNEL, tasks_wake.clone()));
+    }
     background.spawn(crate::db::listener::run(
         listen_url,
         cfg.db_timeout,
-        wake.clone(),
+        channels,
         controls.stats.clone(),
         background_stop.clone(),
     ));
@@ -256,7 +262,7 @@ pub async fn run(
             read_base,
             shared.worker.clone(),
         );
-        background.spawn(scheduler.run(background_stop.clone()));
+        background.spawn(scheduler.run(tasks_wake, cfg.poll_interval, background_stop.clone()));
     }
     if let Some(kafka) = &cfg.kafka {
         // Its own small pool: a partition's batch transaction holds a connection while it runs.

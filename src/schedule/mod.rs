@@ -1,7 +1,7 @@
 //! Scheduled and recurring send tasks (`sql/015_tasks.sql`): the daemon's scheduler.
 //!
-//! Every `tasks.poll_interval` the scheduler (one per daemon; any number of daemons) does two
-//! things, each in short transactions:
+//! When it has work (see *Waiting* below), the scheduler (one per daemon; any number of daemons)
+//! ticks: it does two things, each in short transactions:
 //!
 //! 1. **Schedule.** It locks the tasks that are due or not planned yet (`outbox.due_tasks`,
 //!    `FOR UPDATE SKIP LOCKED`: another daemon skips them), decides with [`plan::decide`] what
@@ -23,17 +23,28 @@
 //! agent); so every recipient of an execution is enqueued exactly once. Time comes from a
 //! [`Clock`] (the system clock, or one a test moves), and every SQL function that decides on time
 //! is given it as `p_now`. A database error ends the tick, never the daemon.
+//!
+//! **Waiting** (sql/021). After a tick the scheduler asks `outbox.task_wakeup()` when it has work
+//! next and sleeps until then, on its clock: the earliest `next_run_at`, at most the daemon's
+//! `poll_interval` (the fallback poll, after which it asks again: one query). A `NOTIFY
+//! outbox_tasks` — a task added, resumed or moved earlier, an `api.run_task` — wakes it at once.
+//! Work that is due but that it did not get (another scheduler holds it, or the tick failed) is
+//! looked at again after `tasks.poll_interval`. So an idle daemon makes one scheduler query per
+//! poll interval, and none in between.
 
 pub mod clock;
 pub mod plan;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use chrono::{DateTime, Utc};
 use rand::RngCore as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use clock::Clock;
@@ -48,7 +59,10 @@ use crate::render::{text, Kind, RenderError};
 pub struct TasksConfig {
     /// Run the scheduler in this daemon. Default true; several daemons may run it at once.
     pub enabled: bool,
-    /// How often it looks for due tasks and unfinished executions. Default 1s.
+    /// How soon it looks again at work that is due but was not its own (another daemon's
+    /// scheduler held it) or after a failed tick. Otherwise the scheduler sleeps until the next
+    /// due time (at most the daemon's `poll_interval`) and is woken by `NOTIFY outbox_tasks`.
+    /// Default 1s.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Recipients per fan-out batch: one transaction, one INSERT … SELECT. Default 1000.
@@ -111,6 +125,20 @@ pub struct Tick {
     pub enqueued: u64,
 }
 
+/// The channel of the scheduler's wake-ups (sql/021).
+pub const CHANNEL: &str = "outbox_tasks";
+
+/// What the scheduler waits for after a tick or a look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Nothing to do: until a wake-up or the poll.
+    Idle,
+    /// Until the clock shows this time (or a wake-up, or the poll).
+    Until(DateTime<Utc>),
+    /// Something is due now.
+    Due,
+}
+
 /// Connections of the scheduler's own pool: one for scheduling or a batch, one spare.
 pub const POOL_SIZE: usize = 2;
 
@@ -146,22 +174,83 @@ impl Scheduler {
         }
     }
 
-    /// Runs ticks every `poll_interval` until `stop`. Stopping mid-batch rolls that batch back
-    /// (it is done again by the next scheduler to run).
-    pub async fn run(self, stop: CancellationToken) {
-        tracing::info!(poll_interval = ?self.cfg.poll_interval, batch_size = self.cfg.batch_size, "task scheduler started");
+    /// Ticks when there is work until `stop` (see the module docs, *Waiting*): `wake` is
+    /// notified on `NOTIFY outbox_tasks`; `poll` is the daemon's poll interval, the longest it
+    /// sleeps without looking. Stopping mid-batch rolls that batch back (it is done again by the
+    /// next scheduler to run).
+    pub async fn run(self, wake: Arc<Notify>, poll: Duration, stop: CancellationToken) {
+        tracing::info!(poll_interval = ?poll, retry_interval = ?self.cfg.poll_interval, batch_size = self.cfg.batch_size, "task scheduler started");
+        let mut tick = true;
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.tick() => {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "task scheduler tick failed; trying again");
+            if tick {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = self.tick() => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "task scheduler tick failed; trying again");
+                        }
                     }
                 }
             }
-            tokio::select! {
+            let wait = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                w = self.next_wait() => w,
+            };
+            if wait == Wait::Due && !tick {
+                // Found by the poll's look (a run another daemon left, say): go now.
+                tick = true;
+                continue;
+            }
+            let until = async {
+                match wait {
+                    Wait::Until(t) => self.clock.sleep_until(t).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            // Due right after a tick: not ours to take now; look again soon, as before sql/021.
+            let retry = if wait == Wait::Due {
+                self.cfg.poll_interval
+            } else {
+                poll
+            };
+            tick = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = wake.notified() => true,
+                _ = until => true,
+                // The poll: ask again (a tick only if something is due); a retry: tick.
+                _ = tokio::time::sleep(retry) => wait == Wait::Due,
+            };
+        }
+    }
+
+    /// When there is work next (`outbox.task_wakeup`); a failed look counts as work now, so that
+    /// the tick reports the error and the scheduler tries again after `tasks.poll_interval`.
+    async fn next_wait(&self) -> Wait {
+        let next = self
+            .db
+            .timed("task wake-up", async {
+                let c = self.db.pool().get().await?;
+                // -infinity (work now) is not a chrono time: the finite part separately.
+                let row = c
+                    .query_one(
+                        "SELECT w IS NOT NULL, CASE WHEN isfinite(w) THEN w END \
+                         FROM outbox.task_wakeup() AS w",
+                        &[],
+                    )
+                    .await?;
+                Ok((
+                    row.get::<_, bool>(0),
+                    row.get::<_, Option<DateTime<Utc>>>(1),
+                ))
+            })
+            .await;
+        match next {
+            Ok((false, _)) => Wait::Idle,
+            Ok((true, Some(t))) if t > self.clock.now() => Wait::Until(t),
+            Ok((true, _)) => Wait::Due,
+            Err(e) => {
+                tracing::warn!(error = %e, "task scheduler could not look for work; trying again");
+                Wait::Due
             }
         }
     }

@@ -218,11 +218,15 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(cfg: Config) -> Daemon {
+        Daemon::start_with(cfg, Controls::default())
+    }
+
+    /// With controls of the test's own (a manual task clock, say).
+    pub fn start_with(cfg: Config, controls: Controls) -> Daemon {
         if let Err(errors) = outboxd::dispatch::build_router(&cfg) {
             panic!("test configuration is invalid: {errors:?}");
         }
         let stop = CancellationToken::new();
-        let controls = Controls::default();
         let s = stop.clone();
         let handle = tokio::spawn(outboxd::run(cfg, s.cancelled_owned(), controls.clone()));
         Daemon {
