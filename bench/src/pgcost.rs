@@ -149,10 +149,7 @@ impl Meter {
 
     fn ours(&self, pid: u32, title: &str) -> bool {
         // "postgres: 15/main: <user> <database> <host>(<port>) <state>", NUL-terminated.
-        !self.exclude.contains(&pid)
-            && title
-                .split(|c: char| c == ' ' || c == '\0')
-                .any(|w| w == self.database)
+        !self.exclude.contains(&pid) && title.split([' ', '\0']).any(|w| w == self.database)
     }
 
     fn sample_at_start(&mut self) {

@@ -105,7 +105,8 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
     let work = opts.results.join(format!("work-{stamp}"));
     std::fs::create_dir_all(&work)?;
     let peer_messages = opts.peer_messages.unwrap_or(opts.messages);
-    // Numbers restart at 1 in every scenario (see `fresh`): the largest one decides.
+    // Numbers restart at 1 in every scenario (see `fresh`): the largest one decides. The backlog
+    // scenario only counts its deliveries (10M tracked slots would cost 80 MB for nothing).
     let slots = opts
         .messages
         .max(opts.memory_backlog)
@@ -957,13 +958,7 @@ impl Bench {
         steps.retain(|&n| n > 0);
         steps.dedup();
         anyhow::ensure!(!steps.is_empty(), "--backlog-messages must be > 0");
-        let db = BenchDb::outbox(
-            &self.opts.admin_url,
-            "backlog",
-            &self.opts.outboxd,
-            &self.work,
-        )
-        .await?;
+        let db = self.fresh_db(System::Outboxd, "backlog").await?;
         let c = db.client().await?;
         self.fresh();
         let send = c.prepare(&System::Outboxd.enqueue_one()).await?;
@@ -1099,14 +1094,7 @@ impl Bench {
         }
 
         // The daemon on the largest backlog: RSS and delivery rate.
-        let dir = self.work.join("backlog");
-        let p = procs::start_outboxd(
-            &self.opts.outboxd,
-            &dir,
-            &db.url,
-            &self.sink,
-            &self.settings,
-        )?;
+        let p = self.start(System::Outboxd, &db, "backlog", None)?;
         let secs = self.opts.backlog_daemon_secs;
         let m = self.sample_memory(&p, secs, total).await;
         let cpu = p.cpu_secs().unwrap_or(0.0);
