@@ -5,7 +5,8 @@
 //! loopback HTTP sink ([`sink`]); the systems under test run as separate processes ([`procs`]).
 //! Scenarios: the sink's raw rate; the outbox floor (pgbench running the bare claim + record SQL);
 //! burn-down of a backlog; insert→receipt latency, sequential and at a steady offered load; idle
-//! cost in transactions per minute; peak RSS with a large backlog; and the graphile-worker peer on
+//! cost in transactions per minute; peak RSS with a large backlog; enqueue rate, claim latency and
+//! RSS as a backlog grows to 10M (`backlog`); and the graphile-worker peer on
 //! the burn-down and latency scenarios. Run it through `bash bench/run`.
 
 mod pg;
@@ -60,6 +61,16 @@ pub struct Opts {
     /// How long the daemon works on the memory backlog while RSS is sampled.
     #[arg(long, default_value_t = 20)]
     pub memory_secs: u64,
+    /// Backlog scenario: messages at its largest step (steps at a tenth, 3/10 and all of it);
+    /// bench/run passes 1,000,000 unless this or BENCH_BACKLOG_MESSAGES is given.
+    #[arg(long, env = "BENCH_BACKLOG_MESSAGES", default_value_t = 10_000_000)]
+    pub backlog_messages: u64,
+    /// Backlog scenario: claim + release_claim calls measured per step and claim size.
+    #[arg(long, default_value_t = 50)]
+    pub backlog_claims: usize,
+    /// Backlog scenario: how long the daemon delivers from the largest backlog while RSS is sampled.
+    #[arg(long, default_value_t = 30)]
+    pub backlog_daemon_secs: u64,
     /// Idle cost: seconds measured…
     #[arg(long, default_value_t = 120)]
     pub idle_secs: u64,
@@ -99,7 +110,7 @@ pub struct Opts {
     /// pgbench clients for the floor (the best run is reported).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub floor_clients: Vec<usize>,
-    /// Only these scenarios (sink,floor,burn,big,latency,idle,memory,smtp,peer); default all.
+    /// Only these scenarios (sink,floor,burn,big,latency,idle,memory,backlog,smtp,peer); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the JSON results and the work files (configs, logs) go.

@@ -118,6 +118,15 @@ pub async fn enqueue_outbox(
     smtp: bool,
 ) -> anyhow::Result<Duration> {
     let t = Instant::now();
+    insert_outbox(c, from, count, smtp).await?;
+    // Fresh statistics, as an operator would have after autovacuum.
+    c.batch_execute("ANALYZE outbox.messages").await?;
+    Ok(t.elapsed())
+}
+
+/// The INSERT of [`enqueue_outbox`] without its ANALYZE (the backlog scenario enqueues in chunks
+/// and analyzes once per step).
+pub async fn insert_outbox(c: &Client, from: u64, count: u64, smtp: bool) -> anyhow::Result<()> {
     let (agent, address, content) = if smtp {
         (
             "smtp.agent",
@@ -136,9 +145,20 @@ pub async fn enqueue_outbox(
         from + count - 1
     );
     c.batch_execute(&sql).await?;
-    // Fresh statistics, as an operator would have after autovacuum.
-    c.batch_execute("ANALYZE outbox.messages").await?;
-    Ok(t.elapsed())
+    Ok(())
+}
+
+/// Bytes on disk of every table of schema `outbox` with its indexes and TOAST (whatever tables the
+/// schema under test has: messages, history, queue…).
+pub async fn outbox_schema_bytes(c: &Client) -> anyhow::Result<i64> {
+    Ok(c.query_one(
+        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = 'outbox' AND c.relkind IN ('r', 'p', 'm')",
+        &[],
+    )
+    .await?
+    .get(0))
 }
 
 /// Messages still to deliver (outboxd): prepared or sending, the rows of its queue.

@@ -18,6 +18,35 @@ use crate::Opts;
 /// Warm-up messages before each latency measurement (not counted).
 const WARMUP: u64 = 50;
 
+/// Backlog scenario: messages per bulk INSERT…
+const BACKLOG_CHUNK: u64 = 100_000;
+/// …and `api.send_message` calls, one at a time, at the end of each step.
+const BACKLOG_SINGLE_SENDS: u64 = 2_000;
+/// Backlog scenario: claim + release calls before the measured ones (not counted).
+const BACKLOG_CLAIM_WARMUP: usize = 5;
+
+/// What a daemon did while [`Bench::sample_memory`] watched it.
+#[derive(Default)]
+struct MemorySample {
+    hwm_kib: u64,
+    max_rss_kib: u64,
+    /// Requests the sink answered by the end.
+    delivered: u64,
+    /// When the sink had answered its first request (to 50 ms).
+    first_receipt: Option<Instant>,
+    end: Option<Instant>,
+}
+
+impl MemorySample {
+    /// Deliveries per second from the first receipt to the end of the sampling.
+    fn rate(&self) -> f64 {
+        match (self.first_receipt, self.end) {
+            (Some(a), Some(b)) if b > a => self.delivered as f64 / (b - a).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+}
+
 /// Which burn-down: HTTP POSTs of `--messages`, SMTP mails, or the big HTTP backlog
 /// (`--big-messages`).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -76,7 +105,8 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
     let work = opts.results.join(format!("work-{stamp}"));
     std::fs::create_dir_all(&work)?;
     let peer_messages = opts.peer_messages.unwrap_or(opts.messages);
-    // Numbers restart at 1 in every scenario (see `fresh`): the largest one decides.
+    // Numbers restart at 1 in every scenario (see `fresh`): the largest one decides. The backlog
+    // scenario only counts its deliveries (10M tracked slots would cost 80 MB for nothing).
     let slots = opts
         .messages
         .max(opts.memory_backlog)
@@ -143,6 +173,9 @@ pub async fn run_all(opts: Opts) -> anyhow::Result<()> {
     }
     if opts.wants("memory") {
         b.memory().await?;
+    }
+    if opts.wants("backlog") {
+        b.backlog().await?;
     }
     if opts.wants("smtp") {
         b.burn(System::Outboxd, None, opts.smtp_messages, Burn::Smtp)
@@ -864,20 +897,8 @@ impl Bench {
             &self.sink,
             &self.settings,
         )?;
-        let until = Instant::now() + Duration::from_secs(self.opts.memory_secs);
-        let mut hwm = 0;
-        let mut max_rss = 0;
-        while Instant::now() < until && self.sink.count() < count {
-            if let Some((h, r)) = p.memory_kib() {
-                hwm = hwm.max(h);
-                max_rss = max_rss.max(r);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if let Some((h, _)) = p.memory_kib() {
-            hwm = hwm.max(h);
-        }
-        let delivered = self.sink.count();
+        let m = self.sample_memory(&p, self.opts.memory_secs, count).await;
+        let (hwm, max_rss, delivered) = (m.hwm_kib, m.max_rss_kib, m.delivered);
         p.stop(Duration::from_secs(5)).await;
         drop(c);
         db.drop_now().await?;
@@ -899,6 +920,209 @@ impl Bench {
                    "delivered_while_sampling": delivered, "sampling_s": self.opts.memory_secs,
                    "enqueue_s": enqueue.as_secs_f64()}),
         );
+        Ok(())
+    }
+
+    /// Samples the daemon's VmHWM/VmRSS every 50 ms for `secs` (or until `count` messages have
+    /// reached the sink).
+    async fn sample_memory(&self, p: &Proc, secs: u64, count: u64) -> MemorySample {
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut m = MemorySample::default();
+        loop {
+            if let Some((h, r)) = p.memory_kib() {
+                m.hwm_kib = m.hwm_kib.max(h);
+                m.max_rss_kib = m.max_rss_kib.max(r);
+            }
+            m.delivered = self.sink.count();
+            if m.first_receipt.is_none() && m.delivered > 0 {
+                m.first_receipt = Some(Instant::now());
+            }
+            if Instant::now() >= until || m.delivered >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        m.end = Some(Instant::now());
+        m
+    }
+
+    /// Backlog (issue 9, "Scale"): on its own database, the backlog grows in steps (a tenth, 3/10
+    /// and all of `--backlog-messages`); at each step the enqueue rate (bulk INSERT in chunks,
+    /// and `api.send_message` one call at a time), the size on disk per message, and the latency
+    /// of `outbox.claim` of 500 and of 1, each handed back with `outbox.release_claim` so the
+    /// backlog stays the same. At the largest step the daemon delivers from it while its RSS is
+    /// sampled. Only the api/outbox functions and the shared enqueue helper touch the schema.
+    async fn backlog(&mut self) -> anyhow::Result<()> {
+        let total = self.opts.backlog_messages;
+        let mut steps = vec![total / 10, total * 3 / 10, total];
+        steps.retain(|&n| n > 0);
+        steps.dedup();
+        anyhow::ensure!(!steps.is_empty(), "--backlog-messages must be > 0");
+        let db = self.fresh_db(System::Outboxd, "backlog").await?;
+        let c = db.client().await?;
+        self.fresh();
+        let send = c.prepare(&System::Outboxd.enqueue_one()).await?;
+        let claim = c
+            .prepare(
+                "SELECT k.id::text, (SELECT count(*) FROM outbox.claim($1, $2, 60000, k.id))
+                   FROM (SELECT gen_random_uuid() AS id) k",
+            )
+            .await?;
+        let release = c
+            .prepare("SELECT outbox.release_claim($1, $2::text::uuid)")
+            .await?;
+        let mut queued = 0u64;
+        let mut results = Vec::new();
+        for &step in &steps {
+            // Enqueue up to the step: most in bulk, the last few one call at a time.
+            let singles = BACKLOG_SINGLE_SENDS.min(step - queued);
+            let bulk = step - queued - singles;
+            let t = Instant::now();
+            let mut left = bulk;
+            while left > 0 {
+                let chunk = left.min(BACKLOG_CHUNK);
+                let from = self.take_numbers(chunk);
+                pg::insert_outbox(&c, from, chunk, false).await?;
+                left -= chunk;
+            }
+            let bulk_s = t.elapsed().as_secs_f64();
+            let from = self.take_numbers(singles);
+            let t = Instant::now();
+            for n in from..from + singles {
+                c.query_one(&send, &[&(n as i64)]).await?;
+            }
+            let singles_s = t.elapsed().as_secs_f64();
+            queued = step;
+            // Statistics as autovacuum would keep them (the whole database: no table named).
+            let t = Instant::now();
+            c.batch_execute("ANALYZE").await?;
+            let analyze_s = t.elapsed().as_secs_f64();
+            let bytes = pg::outbox_schema_bytes(&c).await?;
+
+            let worker = "bench-backlog";
+            let mut lat = Vec::new();
+            for limit in [500i32, 1] {
+                let mut claims = Vec::with_capacity(self.opts.backlog_claims);
+                let mut releases = Vec::with_capacity(self.opts.backlog_claims);
+                for i in 0..BACKLOG_CLAIM_WARMUP + self.opts.backlog_claims {
+                    let t0 = Instant::now();
+                    let row = c.query_one(&claim, &[&worker, &limit]).await?;
+                    let t1 = Instant::now();
+                    let (id, got): (String, i64) = (row.get(0), row.get(1));
+                    let back: i32 = c.query_one(&release, &[&worker, &id]).await?.get(0);
+                    let t2 = Instant::now();
+                    anyhow::ensure!(
+                        got == i64::from(limit) && i64::from(back) == got,
+                        "backlog {step}: claimed {got} of {limit}, released {back}"
+                    );
+                    if i >= BACKLOG_CLAIM_WARMUP {
+                        claims.push(t1 - t0);
+                        releases.push(t2 - t1);
+                    }
+                }
+                let claim_p = Percentiles::of(&mut claims).context("no claim samples")?;
+                let release_p = Percentiles::of(&mut releases).context("no release samples")?;
+                lat.push((limit, claim_p, release_p));
+            }
+            let bulk_rate = bulk as f64 / bulk_s.max(f64::MIN_POSITIVE);
+            let single_rate = singles as f64 / singles_s.max(f64::MIN_POSITIVE);
+            let per_msg = bytes as f64 / step as f64;
+            self.report.row(
+                "backlog",
+                &format!("enqueue to {}", thousands(step as f64)),
+                format!("{} msg/s", thousands(bulk_rate)),
+                format!(
+                    "{} in bulk (INSERT … generate_series, chunks of {}) in {bulk_s:.1}s; api.send_message one by one: {} calls/s ({singles} calls); outbox schema {:.0} MiB = {per_msg:.0} B/msg; ANALYZE {analyze_s:.1}s",
+                    thousands(bulk as f64),
+                    thousands(BACKLOG_CHUNK as f64),
+                    thousands(single_rate),
+                    bytes as f64 / 1048576.0
+                ),
+            );
+            for (limit, claim_p, release_p) in &lat {
+                self.report.row(
+                    "backlog",
+                    &format!(
+                        "claim {limit} at {} backlog ({} calls)",
+                        thousands(step as f64),
+                        claim_p.n
+                    ),
+                    format!("p50 {:.2} ms", claim_p.p50),
+                    format!(
+                        "p99 {:.2} / max {:.2} ms; release_claim p50 {:.2} / p99 {:.2} ms",
+                        claim_p.p99, claim_p.max, release_p.p50, release_p.p99
+                    ),
+                );
+            }
+            results.push(json!({
+                "backlog": step, "bulk_messages": bulk, "bulk_s": bulk_s,
+                "bulk_messages_per_s": bulk_rate, "send_message_calls": singles,
+                "send_message_s": singles_s, "send_message_calls_per_s": single_rate,
+                "analyze_s": analyze_s, "outbox_schema_bytes": bytes,
+                "outbox_schema_bytes_per_msg": per_msg,
+                "claims": lat.iter().map(|(limit, cp, rp)| json!({
+                    "limit": limit, "claim": cp.json(), "release_claim": rp.json()}))
+                    .collect::<Vec<_>>(),
+            }));
+        }
+        self.report.set("backlog", "steps", json!(results));
+        // Flat means ≈ 1.0×: the claim does not slow down as the backlog grows.
+        let p50_of = |r: &serde_json::Value, limit: i64| {
+            r["claims"]
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["limit"] == limit))
+                .and_then(|c| c["claim"]["p50_ms"].as_f64())
+        };
+        if let (Some(first), Some(last)) = (results.first(), results.last()) {
+            for limit in [500, 1] {
+                if let (Some(a), Some(b)) = (p50_of(first, limit), p50_of(last, limit)) {
+                    let ratio = b / a.max(f64::MIN_POSITIVE);
+                    self.report.row(
+                        "backlog",
+                        &format!(
+                            "claim {limit} p50 at {} vs {}",
+                            thousands(steps[0] as f64),
+                            thousands(total as f64)
+                        ),
+                        format!("{ratio:.2}×"),
+                        format!("{a:.2} → {b:.2} ms; flat ≈ 1.0×"),
+                    );
+                    self.report
+                        .set("backlog", &format!("claim{limit}_p50_ratio"), json!(ratio));
+                }
+            }
+        }
+
+        // The daemon on the largest backlog: RSS and delivery rate.
+        let p = self.start(System::Outboxd, &db, "backlog", None)?;
+        let secs = self.opts.backlog_daemon_secs;
+        let m = self.sample_memory(&p, secs, total).await;
+        let cpu = p.cpu_secs().unwrap_or(0.0);
+        p.stop(Duration::from_secs(5)).await;
+        let rate = m.rate();
+        let hwm_mib = m.hwm_kib as f64 / 1024.0;
+        self.report.row(
+            "backlog",
+            &format!("daemon peak RSS (VmHWM), {} backlog", thousands(total as f64)),
+            format!("{hwm_mib:.1} MiB"),
+            format!(
+                "target ≤50 MiB ({}); max VmRSS {:.1} MiB; {} delivered in {secs}s at {} msg/s (first receipt → end); its CPU {cpu:.1}s",
+                if hwm_mib <= 50.0 { "met" } else { "missed" },
+                m.max_rss_kib as f64 / 1024.0,
+                thousands(m.delivered as f64),
+                thousands(rate)
+            ),
+        );
+        self.report.set(
+            "backlog",
+            "daemon",
+            json!({"backlog": total, "sampling_s": secs, "vm_hwm_kib": m.hwm_kib,
+                   "max_vm_rss_kib": m.max_rss_kib, "delivered": m.delivered,
+                   "messages_per_s": rate, "cpu_s": cpu, "target_mib": 50,
+                   "met": hwm_mib <= 50.0}),
+        );
+        drop(c);
+        db.drop_now().await?;
         Ok(())
     }
 
