@@ -161,11 +161,17 @@ pub fn attempt(
 ) {
     let kind = kind_of(connector);
     let h = handles(profile, kind);
-    match outcome {
-        "done" => h.done.increment(1),
-        "retry" => h.retry.increment(1),
-        _ => h.failed.increment(1),
-    }
+    let slot = match outcome {
+        "done" => &h.done,
+        "retry" => &h.retry,
+        _ => &h.failed,
+    };
+    // Registered on the first attempt with this outcome, as before: no zero series for outcomes
+    // that never happened.
+    slot.get_or_init(|| {
+        counter!(DELIVERIES, "profile" => profile.to_string(), "connector" => kind.to_string(), "outcome" => outcome)
+    })
+    .increment(1);
     if let Some(code) = code {
         let _ = handle();
         counter!(FAILURES, "profile" => profile.to_string(), "connector" => kind.to_string(), "code" => code.to_string())
@@ -176,8 +182,10 @@ pub fn attempt(
 
 /// A delivery `age` after the message was created, through `profile`'s `connector`.
 pub fn delivered_after(profile: &str, connector: &str, age: Duration) {
-    handles(profile, kind_of(connector))
+    let kind = kind_of(connector);
+    handles(profile, kind)
         .commit_to_delivered
+        .get_or_init(|| histogram!(COMMIT_TO_DELIVERED_SECONDS, "connector" => kind.to_string()))
         .record(age.as_secs_f64());
 }
 
@@ -185,11 +193,11 @@ pub fn delivered_after(profile: &str, connector: &str, age: Duration) {
 /// labelled metric allocates and hashes its labels, which cost more than the rest of a delivery's
 /// bookkeeping; the handles are looked up once per pair instead (a handful per daemon).
 struct AttemptHandles {
-    done: Counter,
-    retry: Counter,
-    failed: Counter,
+    done: OnceLock<Counter>,
+    retry: OnceLock<Counter>,
+    failed: OnceLock<Counter>,
     attempt_seconds: Histogram,
-    commit_to_delivered: Histogram,
+    commit_to_delivered: OnceLock<Histogram>,
 }
 
 /// By profile, then connector kind.
@@ -202,13 +210,12 @@ fn handles(profile: &str, kind: &str) -> Arc<AttemptHandles> {
         return h.clone();
     }
     let _ = handle();
-    let deliveries = |outcome: &'static str| counter!(DELIVERIES, "profile" => profile.to_string(), "connector" => kind.to_string(), "outcome" => outcome);
     let h = Arc::new(AttemptHandles {
-        done: deliveries("done"),
-        retry: deliveries("retry"),
-        failed: deliveries("failed"),
+        done: OnceLock::new(),
+        retry: OnceLock::new(),
+        failed: OnceLock::new(),
         attempt_seconds: histogram!(ATTEMPT_SECONDS, "connector" => kind.to_string()),
-        commit_to_delivered: histogram!(COMMIT_TO_DELIVERED_SECONDS, "connector" => kind.to_string()),
+        commit_to_delivered: OnceLock::new(),
     });
     map.write()
         .unwrap()
