@@ -6,10 +6,14 @@
 //! is installed on first use; with no HTTP server configured nothing ever renders it, and
 //! recording costs an atomic add per event.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const DELIVERIES: &str = "outboxd_deliveries_total";
@@ -155,21 +159,71 @@ pub fn attempt(
     code: Option<&str>,
     took: Duration,
 ) {
-    let _ = handle();
     let kind = kind_of(connector);
-    counter!(DELIVERIES, "profile" => profile.to_string(), "connector" => kind.to_string(), "outcome" => outcome)
-        .increment(1);
+    let h = handles(profile, kind);
+    let slot = match outcome {
+        "done" => &h.done,
+        "retry" => &h.retry,
+        _ => &h.failed,
+    };
+    // Registered on the first attempt with this outcome, as before: no zero series for outcomes
+    // that never happened.
+    slot.get_or_init(|| {
+        counter!(DELIVERIES, "profile" => profile.to_string(), "connector" => kind.to_string(), "outcome" => outcome)
+    })
+    .increment(1);
     if let Some(code) = code {
+        let _ = handle();
         counter!(FAILURES, "profile" => profile.to_string(), "connector" => kind.to_string(), "code" => code.to_string())
             .increment(1);
     }
-    histogram!(ATTEMPT_SECONDS, "connector" => kind.to_string()).record(took.as_secs_f64());
+    h.attempt_seconds.record(took.as_secs_f64());
 }
 
-/// A delivery `age` after the message was created.
-pub fn delivered_after(connector: &str, age: Duration) {
-    histogram!(COMMIT_TO_DELIVERED_SECONDS, "connector" => kind_of(connector).to_string())
+/// A delivery `age` after the message was created, through `profile`'s `connector`.
+pub fn delivered_after(profile: &str, connector: &str, age: Duration) {
+    let kind = kind_of(connector);
+    handles(profile, kind)
+        .commit_to_delivered
+        .get_or_init(|| histogram!(COMMIT_TO_DELIVERED_SECONDS, "connector" => kind.to_string()))
         .record(age.as_secs_f64());
+}
+
+/// The metrics every attempt of one (profile, connector kind) pair updates. Registering a
+/// labelled metric allocates and hashes its labels, which cost more than the rest of a delivery's
+/// bookkeeping; the handles are looked up once per pair instead (a handful per daemon).
+struct AttemptHandles {
+    done: OnceLock<Counter>,
+    retry: OnceLock<Counter>,
+    failed: OnceLock<Counter>,
+    attempt_seconds: Histogram,
+    commit_to_delivered: OnceLock<Histogram>,
+}
+
+/// By profile, then connector kind.
+type HandleMap = HashMap<String, HashMap<String, Arc<AttemptHandles>>>;
+
+fn handles(profile: &str, kind: &str) -> Arc<AttemptHandles> {
+    static HANDLES: OnceLock<RwLock<HandleMap>> = OnceLock::new();
+    let map = HANDLES.get_or_init(Default::default);
+    if let Some(h) = map.read().unwrap().get(profile).and_then(|m| m.get(kind)) {
+        return h.clone();
+    }
+    let _ = handle();
+    let h = Arc::new(AttemptHandles {
+        done: OnceLock::new(),
+        retry: OnceLock::new(),
+        failed: OnceLock::new(),
+        attempt_seconds: histogram!(ATTEMPT_SECONDS, "connector" => kind.to_string()),
+        commit_to_delivered: OnceLock::new(),
+    });
+    map.write()
+        .unwrap()
+        .entry(profile.to_string())
+        .or_default()
+        .entry(kind.to_string())
+        .or_insert(h)
+        .clone()
 }
 
 pub fn recorder_batch(n: usize) {

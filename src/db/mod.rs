@@ -145,6 +145,18 @@ pub struct OutcomeRow {
 }
 
 impl OutcomeRow {
+    /// Whether a text holds a NUL, which PostgreSQL `text` cannot store (see [`Self::storable`]).
+    pub fn needs_cleaning(&self) -> bool {
+        [
+            &self.error_code,
+            &self.error_text,
+            &self.provider_id,
+            &self.reply,
+        ]
+        .iter()
+        .any(|t| t.as_deref().is_some_and(|t| t.contains('\0')))
+    }
+
     /// A copy whose texts PostgreSQL accepts (NUL replaced by U+FFFD).
     pub fn storable(&self) -> OutcomeRow {
         fn clean(s: &Option<String>) -> Option<String> {
@@ -526,7 +538,17 @@ impl Db {
         worker: &str,
         rows: &[OutcomeRow],
     ) -> Result<Vec<(ClaimKey, Recorded)>, DbError> {
-        let clean: Vec<OutcomeRow> = rows.iter().map(OutcomeRow::storable).collect();
+        // Copies only of the rows that need cleaning (hardly ever one).
+        let clean: Vec<std::borrow::Cow<OutcomeRow>> = rows
+            .iter()
+            .map(|r| {
+                if r.needs_cleaning() {
+                    std::borrow::Cow::Owned(r.storable())
+                } else {
+                    std::borrow::Cow::Borrowed(r)
+                }
+            })
+            .collect();
         let rows = clean.as_slice();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let claim_ids: Vec<Uuid> = rows.iter().map(|r| r.claim_id).collect();
@@ -792,7 +814,9 @@ mod tests {
             reply: Some("\0".into()),
             profile: None,
         };
+        assert!(row.needs_cleaning());
         let s = row.storable();
+        assert!(!s.needs_cleaning());
         assert_eq!(s.error_text.as_deref(), Some("a\u{FFFD}b"));
         assert_eq!(s.provider_id.as_deref(), Some("p\u{FFFD}"));
         assert_eq!(s.reply.as_deref(), Some("\u{FFFD}"));

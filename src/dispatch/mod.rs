@@ -764,7 +764,7 @@ fn observe(stats: &stats::Stats, msg: &OutboxMessage, connector: &str, row: &Out
         let age = (chrono::Utc::now() - msg.created)
             .to_std()
             .unwrap_or_default();
-        crate::metrics::delivered_after(connector, age);
+        crate::metrics::delivered_after(&msg.profile, connector, age);
     }
 }
 

@@ -88,7 +88,11 @@ impl Stats {
     pub fn record(&self, connector: &str, error_code: Option<&str>) {
         let now = Utc::now();
         let mut map = self.profiles.lock().unwrap();
-        let p = map.entry(connector.to_string()).or_default();
+        // The key is allocated once per profile, not per attempt.
+        if !map.contains_key(connector) {
+            map.insert(connector.to_string(), ProfileStats::default());
+        }
+        let p = map.get_mut(connector).expect("just inserted");
         match error_code {
             None => {
                 p.last_success_at = Some(now);

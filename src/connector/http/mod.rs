@@ -30,8 +30,8 @@ pub mod sign;
 pub use super::provider::truncate;
 
 use crate::connector::codes;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -161,7 +161,23 @@ pub struct HttpConnector {
     store_reply: bool,
     max_response_bytes: usize,
     redactor: Redactor,
+    /// Where the recent addresses lead (see [`Target`]), at most [`TARGETS`] of them.
+    targets: Mutex<HashMap<String, Target>>,
 }
+
+/// What an address resolves to: the checked URL and whether it may have the credentials. Both
+/// depend only on the address and the profile, and most messages of a profile go to a handful of
+/// addresses; parsing (IDNA included) and the origin check were a tenth of the daemon's
+/// instructions per message, so they are kept instead of redone for every message.
+#[derive(Clone)]
+struct Target {
+    url: url::Url,
+    credentials: bool,
+}
+
+/// Addresses remembered per profile; past that the memory starts over (a profile that sends
+/// everywhere just parses every time, as before).
+const TARGETS: usize = 256;
 
 /// The origins an `http` profile's credentials may go to.
 #[derive(Debug, Default)]
@@ -385,7 +401,28 @@ impl HttpConnector {
             store_reply: cfg.store_reply,
             max_response_bytes: cfg.max_response_bytes,
             redactor,
+            targets: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The message's [`Target`]: remembered, or found by [`Self::url_for`] (errors are not
+    /// remembered).
+    fn target_for(&self, msg: &OutboxMessage) -> Result<Target, DeliveryError> {
+        let address = msg.address.as_deref().map(str::trim).unwrap_or("");
+        if let Some(t) = self.targets.lock().unwrap().get(address) {
+            return Ok(t.clone());
+        }
+        let url = self.url_for(msg)?;
+        let target = Target {
+            credentials: self.credential_origins.admits(&url),
+            url,
+        };
+        let mut targets = self.targets.lock().unwrap();
+        if targets.len() >= TARGETS {
+            targets.clear();
+        }
+        targets.insert(address.to_string(), target.clone());
+        Ok(target)
     }
 
     /// Base URL + `address` (Apostol: `uri + address`), or the address itself when it is an
@@ -458,9 +495,9 @@ impl Connector for HttpConnector {
 
 impl HttpConnector {
     async fn deliver_inner(&self, msg: &OutboxMessage) -> Result<Receipt, DeliveryError> {
-        let url = self.url_for(msg)?;
+        let Target { url, credentials } = self.target_for(msg)?;
         let method = self.method_for(msg);
-        let body = msg.content.clone().unwrap_or_default();
+        let body = msg.content.as_deref().unwrap_or("");
         // A GET, HEAD, DELETE or OPTIONS with no content is a request without a body (RFC 9110
         // §9.3): nothing to validate, no Content-Type.
         let bodiless = body.is_empty()
@@ -469,15 +506,15 @@ impl HttpConnector {
                 Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
             );
         if self.validate_json && !bodiless {
-            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&body) {
+            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(body) {
                 return Err(DeliveryError::permanent(
                     codes::BAD_CONTENT.code,
                     format!("content is not valid JSON: {e}"),
                 ));
             }
         }
-        // Credentials go to the profile's own origin and to `credential_hosts` only.
-        let credentials = self.credential_origins.admits(&url);
+        // Credentials go to the profile's own origin and to `credential_hosts` only
+        // (`credentials`, from the target).
         let mut headers = if credentials {
             self.headers.clone()
         } else {
@@ -512,7 +549,8 @@ impl HttpConnector {
                 headers.insert(name, v);
             }
         }
-        let body = (!bodiless).then_some(body);
+        // One copy of the content, shared by a resend (a 401 with OAuth2).
+        let body = (!bodiless).then(|| bytes::Bytes::copy_from_slice(body.as_bytes()));
         let oauth = self.oauth.as_ref().filter(|_| credentials);
         let send = |headers: HeaderMap| async {
             let resp = self.send(&method, &url, headers, &body).await?;
@@ -542,8 +580,9 @@ impl HttpConnector {
         if !status.is_success() {
             return Err(classify_status(status, &text, &resp_headers));
         }
-        let provider_id = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
+        let provider_id = (!text.is_empty())
+            .then(|| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .flatten()
             .and_then(|v| {
                 ["id", "message_id", "messageId", "name"]
                     .iter()
@@ -563,7 +602,7 @@ impl HttpConnector {
         method: &Method,
         url: &url::Url,
         headers: HeaderMap,
-        body: &Option<String>,
+        body: &Option<bytes::Bytes>,
     ) -> Result<reqwest::Response, DeliveryError> {
         let mut req = self
             .client
