@@ -9,12 +9,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outboxd::config::Config;
 
-// The delivery path allocates and frees many small objects per message on every worker thread
-// (tokio tasks, hyper's request and response, header maps); glibc's malloc spent about a fifth
-// of the daemon's instructions on them (callgrind, bench/README.md "Daemon CPU per message").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Delivers the messages applications write into a PostgreSQL outbox (api.send_message) through
 /// SMTP, HTTP APIs, push and chat providers, or a local spool file.
 #[derive(Parser)]
