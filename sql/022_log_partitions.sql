@@ -96,10 +96,12 @@ COMMENT ON TABLE outbox.history IS 'Logged state changes; weekly partitions by c
 -- Partition upkeep
 --------------------------------------------------------------------------------------------------
 
--- Creates the missing weekly partitions of both logs from this week to p_weeks_ahead weeks ahead;
--- returns how many it created. A week whose rows already went to the default partition is left
--- to it (creating the partition would have to move them; the default partition still serves).
-CREATE FUNCTION outbox.ensure_log_partitions(p_weeks_ahead integer DEFAULT 4) RETURNS integer
+-- Creates the missing weekly partitions of both logs from p_weeks_back weeks back (the migration
+-- below; the daemon passes none) to p_weeks_ahead weeks ahead; returns how many it created. A
+-- week whose rows already went to the default partition is left to it (creating the partition
+-- would have to move them; the default partition still serves).
+CREATE FUNCTION outbox.ensure_log_partitions(p_weeks_ahead integer DEFAULT 4, p_weeks_back integer DEFAULT 0)
+RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, outbox, pg_temp AS $$
 DECLARE
     v_week  timestamp := date_trunc('week', now() AT TIME ZONE 'UTC');
@@ -110,7 +112,7 @@ DECLARE
 BEGIN
     -- One creator at a time (key space 2: "outb", 22).
     PERFORM pg_advisory_xact_lock(1869968482, 22);
-    FOR i IN 0 .. greatest(p_weeks_ahead, 0) LOOP
+    FOR i IN -greatest(p_weeks_back, 0) .. greatest(p_weeks_ahead, 0) LOOP
         v_from := v_week + make_interval(weeks => i);
         FOREACH v_log IN ARRAY ARRAY['attempts', 'history'] LOOP
             v_name := v_log || '_w' || to_char(v_from, 'YYYYMMDD');
@@ -157,27 +159,10 @@ BEGIN
 END
 $$;
 
--- Weeks for the rows there are, then the rows.
-DO $$
-DECLARE
-    v_first timestamptz := least((SELECT min(finished_at) FROM outbox.attempts_unpartitioned),
-                                 (SELECT min(changed_at) FROM outbox.history_unpartitioned), now());
-    v_weeks integer := ceil(extract(epoch FROM now() - v_first) / (7 * 86400))::integer + 1;
-    v_week  timestamp := date_trunc('week', now() AT TIME ZONE 'UTC');
-    v_from  timestamp;
-    v_log   text;
-BEGIN
-    FOR i IN 1 .. v_weeks LOOP
-        v_from := v_week - make_interval(weeks => i);
-        FOREACH v_log IN ARRAY ARRAY['attempts', 'history'] LOOP
-            EXECUTE format('CREATE TABLE outbox.%I PARTITION OF outbox.%I FOR VALUES FROM (%L) TO (%L)',
-                           v_log || '_w' || to_char(v_from, 'YYYYMMDD'), v_log,
-                           v_from AT TIME ZONE 'UTC', (v_from + interval '7 days') AT TIME ZONE 'UTC');
-        END LOOP;
-    END LOOP;
-END
-$$;
-SELECT outbox.ensure_log_partitions(4);
+-- Weeks for the rows there are (back to the oldest, plus the four ahead), then the rows.
+SELECT outbox.ensure_log_partitions(4, ceil(extract(epoch FROM now() - least(
+           (SELECT min(finished_at) FROM outbox.attempts_unpartitioned),
+           (SELECT min(changed_at) FROM outbox.history_unpartitioned), now())) / (7 * 86400))::integer + 1);
 
 INSERT INTO outbox.attempts (id, message_id, attempt, worker, outcome, error_code, error_text,
                              remote_status, provider_message_id, duration_ms, finished_at,
@@ -276,8 +261,8 @@ $$;
 -- 004's rights, as on the old tables.
 GRANT SELECT ON outbox.attempts, outbox.history TO outboxd_daemon;
 GRANT SELECT ON api.message_attempt, api.message_history, api.task_messages TO outboxd_app, outboxd_daemon;
-REVOKE ALL ON FUNCTION outbox.ensure_log_partitions(integer), outbox.drop_log_partitions(interval) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.ensure_log_partitions(integer), outbox.drop_log_partitions(interval)
+REVOKE ALL ON FUNCTION outbox.ensure_log_partitions(integer, integer), outbox.drop_log_partitions(interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.ensure_log_partitions(integer, integer), outbox.drop_log_partitions(interval)
     TO outboxd_daemon;
 
 INSERT INTO outbox.schema_migrations (version, name) VALUES (22, 'log_partitions');
