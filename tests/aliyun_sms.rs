@@ -153,10 +153,13 @@ async fn provider_id(c: &tokio_postgres::Client, id: Uuid) -> Option<String> {
 }
 
 async fn code_of(c: &tokio_postgres::Client, id: Uuid) -> String {
-    c.query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0)
+    c.query_one(
+        "SELECT code FROM outbox.live_messages WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 async fn error_texts(c: &tokio_postgres::Client, id: Uuid) -> Vec<String> {

@@ -103,7 +103,7 @@ fn attempt(
 
 async fn provider_id(c: &tokio_postgres::Client, id: Uuid) -> Option<String> {
     c.query_one(
-        "SELECT provider_message_id FROM outbox.messages WHERE id = $1",
+        "SELECT provider_message_id FROM outbox.live_messages WHERE id = $1",
         &[&id],
     )
     .await
@@ -116,7 +116,7 @@ async fn provider_id(c: &tokio_postgres::Client, id: Uuid) -> Option<String> {
 async fn next_due_after_last_attempt(c: &tokio_postgres::Client, id: Uuid) -> f64 {
     c.query_one(
         "SELECT extract(epoch FROM m.next_attempt_at - a.finished_at)::float8 \
-           FROM outbox.messages m JOIN outbox.attempts a ON a.message_id = m.id \
+           FROM outbox.live_messages m JOIN outbox.attempts a ON a.message_id = m.id \
           WHERE m.id = $1 ORDER BY a.id DESC LIMIT 1",
         &[&id],
     )
@@ -143,7 +143,7 @@ async fn make_due(c: &tokio_postgres::Client, id: Uuid) {
 
 async fn replies(c: &tokio_postgres::Client, id: Uuid) -> Vec<Value> {
     c.query(
-        "SELECT content FROM outbox.messages WHERE class = 'inbox' AND parent = $1",
+        "SELECT content FROM outbox.live_messages WHERE class = 'inbox' AND parent = $1",
         &[&id],
     )
     .await
@@ -158,7 +158,7 @@ async fn assert_no_secret(c: &tokio_postgres::Client, secrets: &[String]) {
     let stored: String = c
         .query_one(
             "SELECT coalesce((SELECT string_agg(a::text, E'\\n') FROM outbox.attempts a), '') \
-                 || coalesce((SELECT string_agg(m::text, E'\\n') FROM outbox.messages m), '')",
+                 || coalesce((SELECT string_agg(m::text, E'\\n') FROM outbox.live_messages m), '')",
             &[],
         )
         .await

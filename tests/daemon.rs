@@ -37,7 +37,10 @@ async fn notify_wakes_the_daemon_long_before_the_poll() {
     assert_eq!(got[1].path, "/hook");
     assert_eq!(got[1].body, "{\"n\":2}");
     let code: String = c
-        .query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&second])
+        .query_one(
+            "SELECT code FROM outbox.live_messages WHERE id = $1",
+            &[&second],
+        )
         .await
         .unwrap()
         .get(0);
@@ -115,7 +118,7 @@ async fn retries_follow_the_schedule_then_fail_at_max_attempts() {
     assert_eq!(rx.count(), 4);
     let last: String = c
         .query_one(
-            "SELECT last_error_code FROM outbox.messages WHERE id = $1",
+            "SELECT last_error_code FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await
@@ -164,7 +167,7 @@ async fn retry_after_is_honoured_and_client_errors_fail_at_once() {
     );
     let wait: f64 = c
         .query_one(
-            "SELECT extract(epoch FROM next_attempt_at - updated_at)::float8 FROM outbox.messages WHERE id = $1",
+            "SELECT extract(epoch FROM next_attempt_at - updated_at)::float8 FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await
@@ -277,7 +280,7 @@ async fn two_daemons_deliver_each_message_exactly_once() {
     let b = Daemon::start(tc.config.clone());
     wait_for(T, "all messages submitted", || async {
         let left: i64 = c
-            .query_one("SELECT count(*) FROM outbox.messages WHERE class = 'outbox' AND state <> 'submitted'", &[])
+            .query_one("SELECT count(*) FROM outbox.live_messages WHERE class = 'outbox' AND state <> 'submitted'", &[])
             .await
             .unwrap()
             .get(0);
@@ -325,7 +328,7 @@ async fn term_drains_in_flight_deliveries_and_leaves_the_rest_prepared() {
     assert_eq!(report.released, 0);
     let states: HashMap<String, i64> = c
         .query(
-            "SELECT state, count(*) FROM outbox.messages WHERE class = 'outbox' GROUP BY 1",
+            "SELECT state, count(*) FROM outbox.live_messages WHERE class = 'outbox' GROUP BY 1",
             &[],
         )
         .await
@@ -356,7 +359,7 @@ async fn after_the_grace_period_unfinished_messages_are_handed_back() {
     assert_eq!(state_of(&c, id).await, "prepared");
     let r = c
         .query_one(
-            "SELECT attempts, (SELECT error_code FROM outbox.attempts WHERE message_id = $1) FROM outbox.messages WHERE id = $1",
+            "SELECT attempts, (SELECT error_code FROM outbox.attempts WHERE message_id = $1) FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await

@@ -114,7 +114,7 @@ fn id_of(data: &Value) -> Uuid {
 }
 
 async fn messages(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM outbox.messages", &[])
+    c.query_one("SELECT count(*) FROM outbox.live_messages", &[])
         .await
         .unwrap()
         .get(0)
@@ -256,7 +256,7 @@ async fn work_notifications_and_chat_messages_go_through_the_outbox() {
     assert_eq!(data, "[34019] chatid不存在");
     let failed: Uuid = c
         .query_one(
-            "SELECT id FROM outbox.messages WHERE address = 'chat:chat-nobody-knows'",
+            "SELECT id FROM outbox.live_messages WHERE address = 'chat:chat-nobody-knows'",
             &[],
         )
         .await

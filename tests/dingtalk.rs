@@ -62,7 +62,7 @@ async fn wait_final(c: &tokio_postgres::Client, id: Uuid) -> String {
 
 async fn provider_id(c: &tokio_postgres::Client, id: Uuid) -> Option<String> {
     c.query_one(
-        "SELECT provider_message_id FROM outbox.messages WHERE id = $1",
+        "SELECT provider_message_id FROM outbox.live_messages WHERE id = $1",
         &[&id],
     )
     .await
@@ -75,7 +75,7 @@ async fn assert_no_secrets(c: &tokio_postgres::Client, secrets: &[&str]) {
     let rows = c
         .query(
             "SELECT coalesce(error_text, '') || ' ' || coalesce(provider_message_id, '') FROM outbox.attempts \
-             UNION ALL SELECT coalesce(last_error_code, '') || ' ' || coalesce(provider_message_id, '') FROM outbox.messages \
+             UNION ALL SELECT coalesce(last_error_code, '') || ' ' || coalesce(provider_message_id, '') FROM outbox.live_messages \
              UNION ALL SELECT coalesce(error_text, '') FROM outbox.dingtalk_send_results \
              UNION ALL SELECT coalesce(error_text, '') FROM outbox.dingtalk_chats",
             &[],
@@ -213,7 +213,7 @@ async fn too_fast_is_a_retry_held_back_ten_minutes_not_a_failure() {
     // Held back by the block DingTalk announces (10 minutes), not the profile's 20 ms.
     let wait: f64 = c
         .query_one(
-            "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM outbox.messages WHERE id = $1",
+            "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await

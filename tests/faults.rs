@@ -17,7 +17,7 @@ const T: Duration = Duration::from_secs(30);
 
 async fn count_where(c: &tokio_postgres::Client, cond: &str) -> i64 {
     c.query_one(
-        &format!("SELECT count(*) FROM outbox.messages WHERE class = 'outbox' AND {cond}"),
+        &format!("SELECT count(*) FROM outbox.live_messages WHERE class = 'outbox' AND {cond}"),
         &[],
     )
     .await
@@ -105,7 +105,7 @@ async fn kill_9_mid_run_loses_nothing_and_duplicates_only_what_was_in_flight() {
     .await;
     let in_flight: HashSet<String> = c
         .query(
-            "SELECT code FROM outbox.messages WHERE state = 'sending'",
+            "SELECT code FROM outbox.live_messages WHERE state = 'sending'",
             &[],
         )
         .await
@@ -294,7 +294,7 @@ async fn hostile_sinks_end_in_the_right_state_with_stable_codes() {
     }
     let len: i32 = c
         .query_one(
-            "SELECT length(content) FROM outbox.messages WHERE parent = $1",
+            "SELECT length(content) FROM outbox.live_messages WHERE parent = $1",
             &[&ids["huge"]],
         )
         .await
@@ -419,11 +419,11 @@ async fn a_timed_out_call_stops_on_the_server_and_its_connection_is_not_reused()
             "{case}"
         );
         let first = pool_pid(&pool).await;
-        // The test holds the message's row lock past db_timeout.
+        // The test holds the lock of the message's queue row (its lease) past db_timeout.
         let mut locker = db.client().await;
         let tx = locker.transaction().await.unwrap();
         tx.execute(
-            "SELECT 1 FROM outbox.messages WHERE id = $1 FOR UPDATE",
+            "SELECT 1 FROM outbox.queue WHERE message_id = $1 FOR UPDATE",
             &[&id],
         )
         .await

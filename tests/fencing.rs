@@ -129,7 +129,10 @@ async fn a_stale_claim_can_neither_finalise_extend_nor_release_a_newer_claim_of_
         .get(0);
     assert_eq!(released, 0, "nor does it hand the message back");
     let claim_id: Uuid = c
-        .query_one("SELECT claim_id FROM outbox.messages WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT claim_id FROM outbox.live_messages WHERE id = $1",
+            &[&id],
+        )
         .await
         .unwrap()
         .get(0);
@@ -191,7 +194,10 @@ async fn an_orphaned_claim_is_handed_back_without_an_attempt_and_its_id_claims_n
     assert_eq!(state_of(&c, id).await, "prepared");
     assert!(attempts(&c, id).await.is_empty(), "no attempt was made");
     let tries: i32 = c
-        .query_one("SELECT attempts FROM outbox.messages WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT attempts FROM outbox.live_messages WHERE id = $1",
+            &[&id],
+        )
         .await
         .unwrap()
         .get(0);
@@ -343,12 +349,13 @@ async fn an_outcome_whose_lease_was_lost_during_a_stall_does_not_finalise_the_ne
     })
     .await;
 
-    // A stall: this transaction holds the message's row, so the heartbeat and the recording of
-    // the outcome wait (time out, are retried) ...
+    // A stall: this transaction holds the message's queue row (where its lease is), so the
+    // heartbeat and the recording of the outcome wait (time out, are retried) ...
     let tx = stall.transaction().await.unwrap();
     let state: String = tx
         .query_one(
-            "SELECT state FROM outbox.messages WHERE id = $1 FOR UPDATE",
+            "SELECT CASE WHEN leased THEN 'sending' ELSE 'prepared' END FROM outbox.queue \
+             WHERE message_id = $1 FOR UPDATE",
             &[&id],
         )
         .await
@@ -373,7 +380,7 @@ async fn an_outcome_whose_lease_was_lost_during_a_stall_does_not_finalise_the_ne
     wait_for(T, "the lease to expire", || async {
         let expired: bool = tx
             .query_one(
-                "SELECT lease_expires_at < clock_timestamp() FROM outbox.messages WHERE id = $1",
+                "SELECT lease_expires_at < clock_timestamp() FROM outbox.live_messages WHERE id = $1",
                 &[&id],
             )
             .await
@@ -413,7 +420,7 @@ async fn an_outcome_whose_lease_was_lost_during_a_stall_does_not_finalise_the_ne
     assert_eq!(report.delivered, 0, "{report:?}");
     let r = c
         .query_one(
-            "SELECT state, claim_id, lease_owner FROM outbox.messages WHERE id = $1",
+            "SELECT state, claim_id, lease_owner FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await
@@ -469,7 +476,7 @@ async fn the_one_by_one_fallback_retries_transient_errors_instead_of_dropping_th
     assert_eq!(report.delivered, 1, "{report:?}");
     let provider: Option<String> = c
         .query_one(
-            "SELECT provider_message_id FROM outbox.messages WHERE id = $1",
+            "SELECT provider_message_id FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await
@@ -717,8 +724,8 @@ async fn the_same_daemon_reclaiming_and_claiming_again_keeps_the_two_claims_apar
          $$;
          -- Runs inside the SECURITY DEFINER hot path: as its owner, the test's superuser.
          ALTER FUNCTION public.stall_heartbeat() SECURITY DEFINER;
-         CREATE TRIGGER stall_heartbeat BEFORE UPDATE ON outbox.messages FOR EACH ROW
-             WHEN (OLD.state = 'sending' AND NEW.state = 'sending')
+         CREATE TRIGGER stall_heartbeat BEFORE UPDATE ON outbox.queue FOR EACH ROW
+             WHEN (OLD.leased AND NEW.leased)
              EXECUTE FUNCTION public.stall_heartbeat();",
     )
     .await

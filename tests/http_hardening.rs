@@ -11,10 +11,13 @@ const WAIT: Duration = Duration::from_secs(15);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 async fn code_of(c: &tokio_postgres::Client, id: Uuid) -> String {
-    c.query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0)
+    c.query_one(
+        "SELECT code FROM outbox.live_messages WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 async fn error_text(c: &tokio_postgres::Client, id: Uuid) -> String {
@@ -29,7 +32,7 @@ async fn error_text(c: &tokio_postgres::Client, id: Uuid) -> String {
 
 async fn reply_of(c: &tokio_postgres::Client, id: Uuid) -> Option<String> {
     c.query_opt(
-        "SELECT content FROM outbox.messages WHERE parent = $1 AND class = 'inbox'",
+        "SELECT content FROM outbox.live_messages WHERE parent = $1 AND class = 'inbox'",
         &[&id],
     )
     .await

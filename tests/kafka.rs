@@ -294,7 +294,7 @@ async fn enqueue_requests_are_delivered_with_their_codes() {
         ]
     );
     let n: i64 = c
-        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .query_one("SELECT count(*) FROM outbox.live_messages", &[])
         .await
         .unwrap()
         .get(0);
@@ -496,7 +496,7 @@ async fn crashes_between_enqueue_and_commit_lose_and_double_nothing() {
     assert_eq!(
         count(
             &c,
-            "SELECT count(*) FROM outbox.messages WHERE code LIKE 'kafka:c.send:0:%'"
+            "SELECT count(*) FROM outbox.live_messages WHERE code LIKE 'kafka:c.send:0:%'"
         )
         .await,
         20
@@ -522,7 +522,7 @@ async fn crashes_between_enqueue_and_commit_lose_and_double_nothing() {
     wait_offset(&c, "c.tasks", 24).await;
     let codes: Vec<String> = c
         .query(
-            "SELECT code FROM outbox.messages WHERE code LIKE 'kafka:c.send:0:%' ORDER BY code",
+            "SELECT code FROM outbox.live_messages WHERE code LIKE 'kafka:c.send:0:%' ORDER BY code",
             &[],
         )
         .await
@@ -569,7 +569,7 @@ async fn a_restart_resumes_from_the_committed_offset() {
     daemon.stop().await;
     let before: Vec<(String, chrono::DateTime<chrono::Utc>)> = c
         .query(
-            "SELECT code, created_at FROM outbox.messages ORDER BY code",
+            "SELECT code, created_at FROM outbox.live_messages ORDER BY code",
             &[],
         )
         .await
@@ -595,7 +595,7 @@ async fn a_restart_resumes_from_the_committed_offset() {
     .await;
     let after: Vec<(String, chrono::DateTime<chrono::Utc>)> = c
         .query(
-            "SELECT code, created_at FROM outbox.messages ORDER BY code",
+            "SELECT code, created_at FROM outbox.live_messages ORDER BY code",
             &[],
         )
         .await
@@ -630,7 +630,10 @@ async fn a_restart_resumes_from_the_committed_offset() {
         (n == Some(8)).then_some(())
     })
     .await;
-    assert_eq!(count(&c, "SELECT count(*) FROM outbox.messages").await, 8);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM outbox.live_messages").await,
+        8
+    );
     assert_eq!(next_offset(&c, "r.send").await, Some(8));
     daemon.stop().await;
 }

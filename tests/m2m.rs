@@ -31,7 +31,7 @@ async fn provider_id(
 ) -> (Option<String>, Option<String>) {
     let r = c
         .query_one(
-            "SELECT provider_message_id, label FROM outbox.messages WHERE id = $1",
+            "SELECT provider_message_id, label FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await

@@ -55,10 +55,13 @@ async fn finished(c: &tokio_postgres::Client, outcome: &str, age: &str) -> Uuid 
 }
 
 async fn content(c: &tokio_postgres::Client, id: Uuid) -> Option<Option<String>> {
-    c.query_opt("SELECT content FROM outbox.messages WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .map(|r| r.get(0))
+    c.query_opt(
+        "SELECT content FROM outbox.live_messages WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
 }
 
 async fn count(c: &tokio_postgres::Client, sql: &str, id: Uuid) -> i64 {
@@ -142,7 +145,7 @@ async fn retention_clears_content_then_deletes_in_batches_one_daemon_at_a_time()
         assert_eq!(content(&c, *id).await, Some(None), "content cleared");
         let reply: Option<String> = c
             .query_one(
-                "SELECT content FROM outbox.messages WHERE parent = $1",
+                "SELECT content FROM outbox.live_messages WHERE parent = $1",
                 &[id],
             )
             .await
@@ -178,7 +181,7 @@ async fn retention_clears_content_then_deletes_in_batches_one_daemon_at_a_time()
         assert_eq!(
             count(
                 &c,
-                "SELECT count(*) FROM outbox.messages WHERE parent = $1",
+                "SELECT count(*) FROM outbox.live_messages WHERE parent = $1",
                 *id
             )
             .await,
@@ -279,7 +282,10 @@ async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
     let (ok, out, err) = cli::run(cli::outboxd(&main).args(["purge", "--delete-after", "2h"]));
     assert!(ok && out.contains("deleted 1 message(s)"), "{out}{err}");
     assert!(c
-        .query_opt("SELECT 1 FROM outbox.messages WHERE id = $1", &[&older])
+        .query_opt(
+            "SELECT 1 FROM outbox.live_messages WHERE id = $1",
+            &[&older]
+        )
         .await
         .unwrap()
         .is_none());

@@ -119,7 +119,7 @@ async fn enqueue(c: &tokio_postgres::Client, profile: &str, address: &str, n: us
 
 async fn count_in(c: &tokio_postgres::Client, ids: &[Uuid], state: &str) -> i64 {
     c.query_one(
-        "SELECT count(*) FROM outbox.messages WHERE id = ANY($1) AND state = $2",
+        "SELECT count(*) FROM outbox.live_messages WHERE id = ANY($1) AND state = $2",
         &[&ids, &state],
     )
     .await
@@ -191,7 +191,7 @@ async fn four_daemons_hold_one_fleet_wide_limit_while_another_profile_flows() {
     let rows = c
         .query(
             "SELECT m.attempts, count(a.id), bool_and(a.outcome = 'done'), min(a.profile) \
-               FROM outbox.messages m JOIN outbox.attempts a ON a.message_id = m.id \
+               FROM outbox.live_messages m JOIN outbox.attempts a ON a.message_id = m.id \
               WHERE m.id = ANY($1) GROUP BY m.id, m.attempts",
             &[&limited],
         )
@@ -266,7 +266,7 @@ async fn a_too_fast_answer_blocks_the_whole_profile() {
     assert_eq!(second_attempts[0].1, "done");
     let att: i32 = c
         .query_one(
-            "SELECT attempts FROM outbox.messages WHERE id = $1",
+            "SELECT attempts FROM outbox.live_messages WHERE id = $1",
             &[&second],
         )
         .await
@@ -486,7 +486,7 @@ async fn the_window_arithmetic_with_a_controllable_clock() {
         let r = c
             .query_one(
                 "SELECT attempts, (SELECT count(*) FROM outbox.attempts WHERE message_id = $1) \
-                   FROM outbox.messages WHERE id = $1",
+                   FROM outbox.live_messages WHERE id = $1",
                 &[&a],
             )
             .await

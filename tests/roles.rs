@@ -164,7 +164,7 @@ async fn an_operator_or_function_planted_on_the_search_path_never_runs() {
     .unwrap_or_else(|e| panic!("execute_object_action ran the planted make_interval: {e:?}"));
     let lease: f64 = c
         .query_one(
-            "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM outbox.messages WHERE id = $1",
+            "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await
@@ -244,7 +244,10 @@ async fn the_application_role_enqueues_and_inspects_through_api_only() {
     let again = send_file(&app, Some("order-1"), "mallory@example.com").await;
     assert_eq!(again, id);
     let address: String = admin
-        .query_one("SELECT address FROM outbox.messages WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT address FROM outbox.live_messages WHERE id = $1",
+            &[&id],
+        )
         .await
         .unwrap()
         .get(0);

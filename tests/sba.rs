@@ -38,7 +38,7 @@ fn start(db: &TestDb, conf: &str) -> (TestConfig, Daemon) {
 async fn row(c: &tokio_postgres::Client, id: Uuid) -> (String, Option<String>) {
     let r = c
         .query_one(
-            "SELECT code, provider_message_id FROM outbox.messages WHERE id = $1",
+            "SELECT code, provider_message_id FROM outbox.live_messages WHERE id = $1",
             &[&id],
         )
         .await
@@ -49,7 +49,7 @@ async fn row(c: &tokio_postgres::Client, id: Uuid) -> (String, Option<String>) {
 /// The inbox replies whose parent is `id`, as JSON.
 async fn replies(c: &tokio_postgres::Client, id: Uuid) -> Vec<serde_json::Value> {
     c.query(
-        "SELECT content FROM outbox.messages WHERE class = 'inbox' AND parent = $1",
+        "SELECT content FROM outbox.live_messages WHERE class = 'inbox' AND parent = $1",
         &[&id],
     )
     .await

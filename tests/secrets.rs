@@ -396,7 +396,7 @@ async fn no_secret_reaches_logs_attempts_replies_status_or_config_errors() {
     }
     let replies = c
         .query(
-            "SELECT coalesce(content, '') FROM outbox.messages WHERE class = 'inbox'",
+            "SELECT coalesce(content, '') FROM outbox.live_messages WHERE class = 'inbox'",
             &[],
         )
         .await

@@ -199,7 +199,7 @@ async fn rest_enqueue_delivers_and_answers_every_error_in_the_envelope() {
     assert_eq!(again["data"]["id"], id.to_string());
     let n: i64 = c
         .query_one(
-            "SELECT count(*) FROM outbox.messages WHERE class = 'outbox'",
+            "SELECT count(*) FROM outbox.live_messages WHERE class = 'outbox'",
             &[],
         )
         .await
@@ -207,7 +207,10 @@ async fn rest_enqueue_delivers_and_answers_every_error_in_the_envelope() {
         .get(0);
     assert_eq!(n, 1);
     let code: String = c
-        .query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT code FROM outbox.live_messages WHERE id = $1",
+            &[&id],
+        )
         .await
         .unwrap()
         .get(0);
@@ -252,7 +255,7 @@ async fn rest_enqueue_delivers_and_answers_every_error_in_the_envelope() {
 
     let n: i64 = c
         .query_one(
-            "SELECT count(*) FROM outbox.messages WHERE class = 'outbox'",
+            "SELECT count(*) FROM outbox.live_messages WHERE class = 'outbox'",
             &[],
         )
         .await

@@ -43,7 +43,7 @@ async fn send_mail(
 
 async fn provider_id(c: &tokio_postgres::Client, id: Uuid) -> Option<String> {
     c.query_one(
-        "SELECT provider_message_id FROM outbox.messages WHERE id = $1",
+        "SELECT provider_message_id FROM outbox.live_messages WHERE id = $1",
         &[&id],
     )
     .await

@@ -183,7 +183,7 @@ async fn send_message_is_idempotent_per_agent_and_code() {
     assert_ne!(a, other, "the code is unique per agent only");
     let n: i64 = c
         .query_one(
-            "SELECT count(*) FROM outbox.messages WHERE code = 'order-42'",
+            "SELECT count(*) FROM outbox.live_messages WHERE code = 'order-42'",
             &[],
         )
         .await
@@ -206,7 +206,7 @@ async fn send_message_is_idempotent_per_agent_and_code() {
         .unwrap()
         .get(0);
     let code: String = c
-        .query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&r])
+        .query_one("SELECT code FROM outbox.live_messages WHERE id = $1", &[&r])
         .await
         .unwrap()
         .get(0);
@@ -477,7 +477,7 @@ async fn hot_path_claims_skip_locked_and_ignores_stale_outcomes() {
     assert_eq!(state_of(&c, stolen).await, "prepared");
     let r = c
         .query_one(
-            "SELECT m.attempts, t.outcome, t.error_code, t.worker FROM outbox.messages m \
+            "SELECT m.attempts, t.outcome, t.error_code, t.worker FROM outbox.live_messages m \
              JOIN outbox.attempts t ON t.message_id = m.id WHERE m.id = $1 AND t.outcome = 'interrupted'",
             &[&stolen],
         )
@@ -586,7 +586,7 @@ async fn purge_removes_old_finished_messages_with_their_logs_and_replies() {
     }
     let replies: i64 = c
         .query_one(
-            "SELECT count(*) FROM outbox.messages WHERE class = 'inbox'",
+            "SELECT count(*) FROM outbox.live_messages WHERE class = 'inbox'",
             &[],
         )
         .await
@@ -685,7 +685,7 @@ async fn a_direct_insert_with_a_future_send_at_is_not_due_before_it() {
     .await;
     let on_time: bool = c
         .query_one(
-            "SELECT updated_at >= send_at FROM outbox.messages WHERE id = $1",
+            "SELECT updated_at >= send_at FROM outbox.live_messages WHERE id = $1",
             &[&later],
         )
         .await

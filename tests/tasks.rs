@@ -227,7 +227,7 @@ async fn two_schedulers_make_exactly_n_runs() {
     let (messages, distinct): (i64, i64) = {
         let r = c
             .query_one(
-                "SELECT count(*), count(DISTINCT (m.address, tm.run_id)) FROM outbox.messages m \
+                "SELECT count(*), count(DISTINCT (m.address, tm.run_id)) FROM outbox.live_messages m \
                  JOIN outbox.task_messages tm ON tm.message_id = m.id",
                 &[],
             )
@@ -331,7 +331,7 @@ async fn a_crash_mid_fan_out_enqueues_every_recipient_once() {
         .query_one(
             "SELECT count(*), count(DISTINCT m.address), count(tm.message_id), \
                     count(DISTINCT tm.read_token), count(tm.body) \
-               FROM outbox.messages m LEFT JOIN outbox.task_messages tm ON tm.message_id = m.id \
+               FROM outbox.live_messages m LEFT JOIN outbox.task_messages tm ON tm.message_id = m.id \
               WHERE m.code LIKE 'task-%'",
             &[],
         )
@@ -348,7 +348,7 @@ async fn a_crash_mid_fan_out_enqueues_every_recipient_once() {
     assert_eq!(enqueued, 10000);
     let vars: Value = one(
         &c,
-        "SELECT mt.vars FROM outbox.message_templates mt JOIN outbox.messages m ON m.id = mt.message_id \
+        "SELECT mt.vars FROM outbox.message_templates mt JOIN outbox.live_messages m ON m.id = mt.message_id \
           WHERE m.address = 'user05500@example.com'",
         &[],
     )
@@ -464,7 +464,7 @@ async fn executions_deliver_track_progress_and_record_reads() {
     // The same numbers straight from the messages.
     let states = c
         .query(
-            "SELECT m.state, count(*) FROM outbox.messages m JOIN outbox.task_messages tm \
+            "SELECT m.state, count(*) FROM outbox.live_messages m JOIN outbox.task_messages tm \
              ON tm.message_id = m.id WHERE tm.run_id = $1 GROUP BY m.state ORDER BY m.state",
             &[&run1],
         )

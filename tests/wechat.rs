@@ -174,7 +174,7 @@ async fn wechat_delivers_with_a_stable_token_and_the_code_as_client_msg_id() {
     );
     let pid = row_text(
         &c,
-        "SELECT provider_message_id FROM outbox.messages WHERE id = $1",
+        "SELECT provider_message_id FROM outbox.live_messages WHERE id = $1",
         id,
     )
     .await;
@@ -195,7 +195,12 @@ async fn wechat_delivers_with_a_stable_token_and_the_code_as_client_msg_id() {
     assert_eq!(s.d.stable_token_calls(), 1);
     assert_eq!(s.d.force_refresh_seen(), vec![json!(false)]);
     // The code generated for the second message went as its client_msg_id.
-    let code = row_text(&c, "SELECT code FROM outbox.messages WHERE id = $1", second).await;
+    let code = row_text(
+        &c,
+        "SELECT code FROM outbox.live_messages WHERE id = $1",
+        second,
+    )
+    .await;
     assert_eq!(
         s.d.wechat_sent()[1]["client_msg_id"].as_str(),
         code.as_deref()
@@ -314,7 +319,7 @@ async fn wechat_43004_fails_45009_and_busy_retry_and_bad_content_never_calls() {
 
 async fn inbox_reply(c: &tokio_postgres::Client, id: Uuid) -> Option<String> {
     c.query_opt(
-        "SELECT content FROM outbox.messages WHERE parent = $1 AND class = 'inbox'",
+        "SELECT content FROM outbox.live_messages WHERE parent = $1 AND class = 'inbox'",
         &[&id],
     )
     .await
@@ -342,7 +347,7 @@ async fn wecom_partial_delivery_is_done_with_the_invalid_list_and_all_invalid_fa
     assert_eq!(sent.len(), 1);
     let code = row_text(
         &c,
-        "SELECT code FROM outbox.messages WHERE id = $1",
+        "SELECT code FROM outbox.live_messages WHERE id = $1",
         partial,
     )
     .await;
@@ -355,7 +360,7 @@ async fn wecom_partial_delivery_is_done_with_the_invalid_list_and_all_invalid_fa
     );
     let pid = row_text(
         &c,
-        "SELECT provider_message_id FROM outbox.messages WHERE id = $1",
+        "SELECT provider_message_id FROM outbox.live_messages WHERE id = $1",
         partial,
     )
     .await;
@@ -499,7 +504,7 @@ async fn wecombot_image_md5_checks_out_and_45009_holds_the_message_a_minute() {
     // The profile's schedule says 20ms: the platform's minute decides.
     let wait: f64 = c
         .query_one(
-            "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM outbox.messages WHERE id = $1",
+            "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM outbox.live_messages WHERE id = $1",
             &[&fast],
         )
         .await
@@ -576,7 +581,7 @@ async fn no_secret_or_token_reaches_attempts_replies_or_logs() {
     let texts: Vec<String> = c
         .query(
             "SELECT coalesce(error_text, '') || ' ' || coalesce(provider_message_id, '') FROM outbox.attempts \
-             UNION ALL SELECT coalesce(content, '') || ' ' || coalesce(label, '') FROM outbox.messages WHERE class = 'inbox'",
+             UNION ALL SELECT coalesce(content, '') || ' ' || coalesce(label, '') FROM outbox.live_messages WHERE class = 'inbox'",
             &[],
         )
         .await

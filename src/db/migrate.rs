@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "log_partitions",
         include_str!("../../sql/022_log_partitions.sql"),
     ),
+    (
+        23,
+        "write_once",
+        include_str!("../../sql/023_write_once.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"

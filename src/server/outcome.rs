@@ -105,7 +105,7 @@ async fn read(db: &Db, id: Uuid) -> Result<Option<Outcome>, DbError> {
                 "SELECT m.state, m.provider_message_id, m.last_error_code, \
                         (SELECT a.error_text FROM outbox.attempts a WHERE a.message_id = m.id \
                           ORDER BY a.attempt DESC, a.id DESC LIMIT 1) \
-                   FROM outbox.messages m WHERE m.id = $1",
+                   FROM outbox.live_messages m WHERE m.id = $1",
                 &[&id],
             )
             .await?;

@@ -297,10 +297,13 @@ pub async fn wait_listening(c: &tokio_postgres::Client, timeout: Duration) {
 
 /// The state code of a message.
 pub async fn state_of(c: &tokio_postgres::Client, id: Uuid) -> String {
-    c.query_one("SELECT state FROM outbox.messages WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0)
+    c.query_one(
+        "SELECT state FROM outbox.live_messages WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// The actions of a message's history as users see it (`api.message_history`: the logged changes
