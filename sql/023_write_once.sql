@@ -320,17 +320,18 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH due AS (
-        SELECT q.message_id FROM outbox.queue q
+        SELECT q.ctid AS row FROM outbox.queue q
          WHERE NOT q.leased AND q.due_at <= now()
          ORDER BY q.priority DESC, q.due_at
          LIMIT p_limit
          FOR UPDATE OF q SKIP LOCKED
     ), leased AS (
-        -- By key (= ANY of an array: index lookups), never a hash join over the whole queue.
+        -- By the locked rows' ctids (a TID scan: no index lookups; a locked row cannot move),
+        -- never a hash join over the whole queue.
         UPDATE outbox.queue q
            SET leased = true, due_at = v_until, attempts = q.attempts + 1, lease_owner = p_worker,
                claim_id = p_claim_id, claimed_at = now()
-         WHERE q.message_id = ANY (ARRAY(SELECT d.message_id FROM due d))
+         WHERE q.ctid = ANY (ARRAY(SELECT d.row FROM due d))
         RETURNING q.message_id, q.attempts
     )
     SELECT m.id, m.code, a.type_code, a.code, m.profile, m.address, m.subject, m.content, m.label,
