@@ -342,11 +342,29 @@ BEGIN
 END
 $$;
 
+-- The history of leases that ended without an outcome: for each message, the claim's send
+-- transition at the time of the claim (outbox.claim does not log it) and the way back to prepared
+-- (p_action: release, reclaim, defer). Called by the owner's functions below only.
+CREATE FUNCTION outbox.log_lease_end(p_ids uuid[], p_claimed_at timestamptz[], p_owners text[],
+                                     p_action text, p_worker text) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, outbox, pg_temp AS $$
+    INSERT INTO outbox.history (message_id, old_state, new_state, action, changed_at, changed_by)
+    SELECT l.id, 'prepared', 'sending', 'send', l.claimed_at, coalesce(l.owner, p_worker)
+      FROM unnest(p_ids, p_claimed_at, p_owners) AS l(id, claimed_at, owner)
+     WHERE l.claimed_at IS NOT NULL
+    UNION ALL
+    SELECT l.id, 'sending', 'prepared', p_action, now(), p_worker
+      FROM unnest(p_ids) AS l(id)
+$$;
+
+REVOKE ALL ON FUNCTION outbox.log_lease_end(uuid[], timestamptz[], text[], text, text) FROM PUBLIC;
+
 -- As in 020: the claim's leases go back to the queue, logged as a release.
 CREATE OR REPLACE FUNCTION outbox.release_claim(p_worker text, p_claim_id uuid) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, outbox, pg_temp AS $$
 DECLARE
-    v_count integer;
+    v_ids     uuid[];
+    v_claimed timestamptz[];
 BEGIN
     PERFORM pg_advisory_xact_lock(1869968482, hashtext(p_claim_id::text));
     INSERT INTO outbox.released_claims (claim_id, worker) VALUES (p_claim_id, p_worker)
@@ -358,15 +376,10 @@ BEGIN
                lease_owner = NULL, claim_id = NULL
          WHERE q.leased AND q.claim_id = p_claim_id AND q.lease_owner = p_worker
         RETURNING q.message_id, q.claimed_at
-    ), logged AS (
-        INSERT INTO outbox.history (message_id, old_state, new_state, action, changed_at, changed_by)
-        SELECT r.message_id, 'prepared', 'sending', 'send', r.claimed_at, p_worker
-          FROM released r WHERE r.claimed_at IS NOT NULL
-        UNION ALL
-        SELECT r.message_id, 'sending', 'prepared', 'release', now(), p_worker FROM released r
     )
-    SELECT count(*) INTO v_count FROM released;
-    RETURN v_count;
+    SELECT array_agg(r.message_id), array_agg(r.claimed_at) INTO v_ids, v_claimed FROM released r;
+    PERFORM outbox.log_lease_end(v_ids, v_claimed, NULL, 'release', p_worker);
+    RETURN coalesce(cardinality(v_ids), 0);
 END
 $$;
 
@@ -513,7 +526,10 @@ $$;
 CREATE OR REPLACE FUNCTION outbox.reclaim_expired(p_worker text) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, outbox, pg_temp AS $$
 DECLARE
-    v_count integer;
+    v_count   integer;
+    v_ids     uuid[];
+    v_claimed timestamptz[];
+    v_owners  text[];
 BEGIN
     PERFORM set_config('outbox.action', 'reclaim', true);
     PERFORM set_config('outbox.actor', p_worker, true);
@@ -550,15 +566,13 @@ BEGIN
                     ELSE 'the lease expired before the outcome was recorded (daemon killed or hung)' END,
                e.claimed_at
           FROM expired e
-    ), logged AS (
-        INSERT INTO outbox.history (message_id, old_state, new_state, action, changed_at, changed_by)
-        SELECT e.id, 'prepared', 'sending', 'send', e.claimed_at, coalesce(e.lease_owner, p_worker)
-          FROM expired e WHERE NOT e.dead AND e.claimed_at IS NOT NULL
-        UNION ALL
-        SELECT e.id, 'sending', 'prepared', 'reclaim', now(), p_worker
-          FROM expired e WHERE NOT e.dead
     )
-    SELECT count(*) INTO v_count FROM expired;
+    SELECT count(*), array_agg(e.id) FILTER (WHERE NOT e.dead),
+           array_agg(e.claimed_at) FILTER (WHERE NOT e.dead),
+           array_agg(e.lease_owner) FILTER (WHERE NOT e.dead)
+      INTO v_count, v_ids, v_claimed, v_owners
+      FROM expired e;
+    PERFORM outbox.log_lease_end(v_ids, v_claimed, v_owners, 'reclaim', p_worker);
     PERFORM set_config('outbox.action', '', true);
     RETURN v_count;
 END
@@ -569,7 +583,8 @@ CREATE OR REPLACE FUNCTION outbox.release(p_worker text, p_ids uuid[], p_claim_i
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, outbox, pg_temp AS $$
 DECLARE
-    v_count integer;
+    v_ids     uuid[];
+    v_claimed timestamptz[];
 BEGIN
     WITH released AS (
         UPDATE outbox.queue q
@@ -585,15 +600,10 @@ BEGIN
         SELECT r.message_id, r.attempts + 1, r.claim_id, p_worker, 'interrupted', 'shutdown',
                'handed back by a daemon shutting down', r.claimed_at
           FROM released r
-    ), logged AS (
-        INSERT INTO outbox.history (message_id, old_state, new_state, action, changed_at, changed_by)
-        SELECT r.message_id, 'prepared', 'sending', 'send', r.claimed_at, p_worker
-          FROM released r WHERE r.claimed_at IS NOT NULL
-        UNION ALL
-        SELECT r.message_id, 'sending', 'prepared', 'release', now(), p_worker FROM released r
     )
-    SELECT count(*) INTO v_count FROM released;
-    RETURN v_count;
+    SELECT array_agg(r.message_id), array_agg(r.claimed_at) INTO v_ids, v_claimed FROM released r;
+    PERFORM outbox.log_lease_end(v_ids, v_claimed, NULL, 'release', p_worker);
+    RETURN coalesce(cardinality(v_ids), 0);
 END
 $$;
 
@@ -712,9 +722,7 @@ BEGIN
            due_at = now() + make_interval(secs => v_wait::double precision / 1000::double precision),
            attempts = greatest(q.attempts - 1, 0), lease_owner = NULL, claim_id = NULL
      WHERE q.message_id = p_id;
-    INSERT INTO outbox.history (message_id, old_state, new_state, action, changed_at, changed_by)
-    VALUES (p_id, 'prepared', 'sending', 'send', v_claimed, p_worker),
-           (p_id, 'sending', 'prepared', 'defer', now(), p_worker);
+    PERFORM outbox.log_lease_end(ARRAY[p_id], ARRAY[v_claimed], NULL, 'defer', p_worker);
     PERFORM set_config('outbox.hot', '', true);
     RETURN QUERY SELECT 'deferred'::text, v_worst, v_wait;
 END
