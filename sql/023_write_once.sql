@@ -91,12 +91,12 @@ SELECT m.id, m.class, m.parent, m.agent_id, m.code, m.profile, m.address, m.subj
                 q.lease_owner, CASE WHEN q.leased THEN q.due_at END AS lease_expires_at,
                 q.claim_id, q.claimed_at, CASE WHEN NOT q.leased THEN q.due_at END AS next_attempt_at,
                 q.last_error_code, NULL::text AS provider_message_id, NULL::text AS outcome,
-                q.claimed_at AS changed_at, true AS queued
+                q.claimed_at AS changed_at
            FROM outbox.queue q
           WHERE m.class = 'outbox' AND m.state IN ('prepared', 'sending') AND q.message_id = m.id)
         UNION ALL
         (SELECT t.to_state, t.attempt, NULL::text, NULL::timestamptz, t.claim_id, t.claimed_at,
-                NULL::timestamptz, t.error_code, t.provider_message_id, t.outcome, t.finished_at, false
+                NULL::timestamptz, t.error_code, t.provider_message_id, t.outcome, t.finished_at
            FROM outbox.attempts t
           WHERE m.class = 'outbox' AND m.state IN ('prepared', 'sending') AND t.message_id = m.id
             AND t.to_state IS NOT NULL
