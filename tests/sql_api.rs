@@ -635,6 +635,123 @@ async fn a_message_whose_lease_expires_five_times_fails_instead_of_looping() {
     );
 }
 
+/// Waits until every lease of `ids` has run out (by the database's clock).
+async fn leases_expired(c: &tokio_postgres::Client, ids: &[Uuid]) {
+    wait_for(Duration::from_secs(5), "the leases to expire", || async {
+        let live: i64 = c
+            .query_one(
+                "SELECT count(*) FROM outbox.live_messages \
+                  WHERE id = ANY ($1) AND lease_expires_at >= clock_timestamp()",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (live == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_hands_back_the_expired_leases_it_meets_and_claims_them_again() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(message_in(&c, "prepared").await);
+    }
+    let first: Vec<Uuid> = c
+        .query(
+            "SELECT id FROM outbox.claim('w1', 2, 1, gen_random_uuid())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(first.len(), 2);
+    leases_expired(&c, &first).await;
+    // No reclaim_expired: w2's claim meets w1's expired leases on its way and takes them too.
+    let second: Vec<(Uuid, i32, bool)> = c
+        .query(
+            "SELECT id, attempts, reclaimed FROM outbox.claim('w2', 10, 60000, gen_random_uuid())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(second.len(), 3, "all three, the expired two included");
+    for (id, attempts, reclaimed) in &second {
+        assert_eq!(*attempts, 1, "the interrupted attempt does not count");
+        assert_eq!(
+            *reclaimed,
+            first.contains(id),
+            "reclaimed says which were handed back"
+        );
+    }
+    for id in &first {
+        let r = c
+            .query_one(
+                "SELECT m.state, m.lease_owner, t.outcome, t.error_code, t.worker \
+                   FROM outbox.live_messages m JOIN outbox.attempts t ON t.message_id = m.id \
+                  WHERE m.id = $1",
+                &[id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, String>(0), "sending");
+        assert_eq!(r.get::<_, String>(1), "w2");
+        assert_eq!(r.get::<_, String>(2), "interrupted");
+        assert_eq!(r.get::<_, String>(3), "lease-expired");
+        assert_eq!(r.get::<_, String>(4), "w1");
+        assert_eq!(
+            history_actions(&c, *id).await,
+            ["create", "submit", "send", "reclaim"]
+        );
+    }
+    let untouched = ids.iter().find(|id| !first.contains(id)).unwrap();
+    assert!(attempts(&c, *untouched).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_claim_fails_a_message_whose_lease_it_finds_expired_the_fifth_time() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let id = message_in(&c, "prepared").await;
+    for round in 1..=6 {
+        let claimed: Vec<bool> = c
+            .query(
+                "SELECT reclaimed FROM outbox.claim('crashy', 1, 1, gen_random_uuid())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if round == 6 {
+            assert!(
+                claimed.is_empty(),
+                "the 5th expired lease failed the message"
+            );
+            break;
+        }
+        assert_eq!(claimed, [round > 1], "round {round}");
+        leases_expired(&c, &[id]).await;
+    }
+    assert_eq!(state_of(&c, id).await, "failed");
+    let a = attempts(&c, id).await;
+    assert_eq!(a.len(), 5);
+    assert!(a[..4].iter().all(|x| x.1 == "interrupted"));
+    assert_eq!(
+        (a[4].1.as_str(), a[4].2.as_deref()),
+        ("failed", Some("lease-expired"))
+    );
+}
+
 /// Ids `outbox.claim` returns for `worker` now.
 async fn claim_ids(c: &tokio_postgres::Client, worker: &str) -> Vec<Uuid> {
     c.query(

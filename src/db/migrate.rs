@@ -67,6 +67,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "write_once",
         include_str!("../../sql/023_write_once.sql"),
     ),
+    (24, "hot_claim", include_str!("../../sql/024_hot_claim.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"

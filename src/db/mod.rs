@@ -291,7 +291,7 @@ impl Drop for Conn {
 
 const CLAIM: &str =
     "SELECT id, code, agenttypecode, agentcode, profile, address, subject, content, \
-                     label, attempts, max_attempts, priority, created \
+                     label, attempts, max_attempts, priority, created, reclaimed \
                      FROM outbox.claim($1, $2, $3, $4)";
 const TEMPLATES: &str = "SELECT message_id, name, kind, version, subject, body, vars \
                          FROM outbox.message_templates_of($1)";
@@ -414,13 +414,14 @@ impl Db {
     /// Claims up to `limit` due messages for `worker` under the fencing token `claim_id` (new for
     /// every call), moving them to `sending` under a lease. When this fails, the claim may still
     /// have committed on the server: hand its messages back with [`Db::release_claim`].
+    /// Also returns how many of them the claim found with an expired lease and handed back first.
     pub async fn claim(
         &self,
         worker: &str,
         limit: usize,
         lease: Duration,
         claim_id: Uuid,
-    ) -> Result<Vec<(OutboxMessage, Option<crate::render::Job>)>, DbError> {
+    ) -> Result<(Vec<(OutboxMessage, Option<crate::render::Job>)>, usize), DbError> {
         self.timed("claim", async {
             let c = self.pool.get().await?;
             let st = c.prepare_cached(CLAIM).await?;
@@ -435,6 +436,7 @@ impl Db {
                     ],
                 )
                 .await?;
+            let reclaimed = rows.iter().filter(|r| r.get::<_, bool>(13)).count();
             let mut claimed: Vec<(OutboxMessage, Option<crate::render::Job>)> = rows
                 .iter()
                 .map(|r| OutboxMessage {
@@ -485,7 +487,7 @@ impl Db {
                     *job = jobs.remove(&m.id);
                 }
             }
-            Ok(claimed)
+            Ok((claimed, reclaimed))
         })
         .await
     }

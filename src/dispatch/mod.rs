@@ -354,22 +354,16 @@ pub async fn run(
         let shutdown = shutdown;
         tokio::pin!(shutdown);
         let claim_loop = async {
-            let mut reclaim_due = true;
+            // Every expired lease once at start (a scan of the whole queue); from then on the
+            // claim hands back the expired leases it meets on its way through the queue.
+            match shared.db.reclaim_expired(&shared.worker).await {
+                Ok(n) => note_reclaims(n as usize),
+                Err(e) => tracing::warn!(error = %e, "reclaim failed"),
+            }
             loop {
                 while deliveries.try_join_next().is_some() {}
                 controls.stats.loop_busy(true);
                 release_orphans(&shared, &mut orphans, cfg.lease).await;
-                if reclaim_due {
-                    reclaim_due = false;
-                    match shared.db.reclaim_expired(&shared.worker).await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            crate::metrics::lease_reclaims(n as u64);
-                            tracing::warn!(count = n, "reclaimed messages whose lease expired")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "reclaim failed"),
-                    }
-                }
                 // Wait for a free delivery slot.
                 let free = slots.available_permits();
                 if free == 0 {
@@ -389,8 +383,9 @@ pub async fn run(
                     .await;
                 *claim_running.lock().unwrap() = None;
                 let claimed = match result {
-                    Ok(c) => {
+                    Ok((c, reclaimed)) => {
                         db_backoff = Duration::from_millis(100);
+                        note_reclaims(reclaimed);
                         c
                     }
                     Err(e) => {
@@ -514,7 +509,7 @@ pub async fn run(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = wake.notified() => {}
-                    _ = poll.tick() => reclaim_due = true,
+                    _ = poll.tick() => {}
                 }
             }
         };
@@ -1040,6 +1035,14 @@ async fn systemd_loop(
                 ));
             }
         }
+    }
+}
+
+/// Counts and logs the messages whose expired lease a claim or the reclaim at start handed back.
+fn note_reclaims(n: usize) {
+    if n > 0 {
+        crate::metrics::lease_reclaims(n as u64);
+        tracing::warn!(count = n, "reclaimed messages whose lease expired");
     }
 }
 
