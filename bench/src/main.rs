@@ -37,7 +37,7 @@ pub struct Opts {
     /// Messages in the burn-down backlog (and per floor run).
     #[arg(long, default_value_t = 100_000)]
     pub messages: u64,
-    /// Messages of the big burn-down (opt-in: 0 skips it; 1,000,000 takes a few minutes).
+    /// Messages of the big burn-down (0 skips it; bench/run passes 1,000,000 unless told otherwise).
     #[arg(long, env = "BENCH_BIG_MESSAGES", default_value_t = 0)]
     pub big_messages: u64,
     /// Messages per graphile-worker burn-down run (default: --messages).
