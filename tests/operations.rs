@@ -290,9 +290,10 @@ async fn the_operator_cli_status_cancel_retry_purge_and_tail() {
         .unwrap()
         .is_none());
 
-    // tail: follows deliveries as the daemon records them.
+    // tail: follows deliveries as the daemon records them. --from-start: without it, a tail
+    // process slow to start (a loaded machine) could begin after the delivery below and miss it.
     let mut tail = cli::outboxd(&main)
-        .args(["tail", "--interval", "50ms"])
+        .args(["tail", "--from-start", "--interval", "50ms"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -842,3 +842,80 @@ async fn public_actions_never_touch_inbox_messages() {
     assert_eq!(state_of(&c, reply).await, "created");
     assert!(!claim_ids(&c, "w").await.contains(&reply));
 }
+
+/// Migration 25: a new message's id is a version 7 uuid (RFC 9562) whose first 48 bits are the
+/// Unix milliseconds of its making, and its default code starts with such a uuid, so messages
+/// made close together sit together in every index keyed by them.
+#[tokio::test]
+async fn new_messages_get_time_ordered_ids_and_codes() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let ms = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+    let before: i64 = c
+        .query_one(&format!("SELECT {ms}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let id: Uuid = c
+            .query_one(
+                "SELECT id FROM api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        made.push(id);
+    }
+    let after: i64 = c
+        .query_one(&format!("SELECT {ms}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let ms_of = |hex: &str| i64::from_str_radix(&hex[..12], 16).unwrap();
+    let mut last = before;
+    for id in &made {
+        assert_eq!(id.get_version_num(), 7, "{id}");
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        let t = ms_of(&id.simple().to_string());
+        assert!(last <= t && t <= after, "{id}: {t} not in {last}..={after}");
+        last = t;
+        let code: String = c
+            .query_one("SELECT code FROM outbox.messages WHERE id = $1", &[id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(code.len(), 64, "{code}");
+        let code_ms = ms_of(&code);
+        assert!(
+            before <= code_ms && code_ms <= after,
+            "{code}: {code_ms} not in {before}..={after}"
+        );
+        assert_eq!(&code[12..13], "7", "{code}: a version 7 uuid first");
+    }
+    // An id the application brings is kept as it is.
+    let own = Uuid::new_v4();
+    c.execute(
+        "INSERT INTO outbox.messages (id, agent_id, address, content)
+         SELECT $1, id, 'a', 'c' FROM outbox.agents WHERE code = 'file.agent'",
+        &[&own],
+    )
+    .await
+    .unwrap();
+    let code: String = c
+        .query_one("SELECT code FROM outbox.messages WHERE id = $1", &[&own])
+        .await
+        .unwrap()
+        .get(0);
+    // The column's default (the expression, not the api's call) makes the same kind of code.
+    assert_eq!(code.len(), 64, "{code}");
+    assert_eq!(&code[12..13], "7", "{code}");
+    let code_ms = ms_of(&code);
+    let now: i64 = c
+        .query_one(&format!("SELECT {ms}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(after <= code_ms && code_ms <= now, "{code}");
+}

@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/023_write_once.sql"),
     ),
     (24, "hot_claim", include_str!("../../sql/024_hot_claim.sql")),
+    (
+        25,
+        "time_ordered_ids",
+        include_str!("../../sql/025_time_ordered_ids.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x6f7574626f78; // "outbox"
