@@ -197,14 +197,7 @@ async fn send_message_is_idempotent_per_agent_and_code() {
         .get(0);
     assert_eq!(content, "one", "the duplicate did not overwrite the first");
     // Without a code: a random 64-hex code each time.
-    let r: Uuid = c
-        .query_one(
-            "SELECT id FROM api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let r = send(&c, "file.agent", "default", "a", "c").await;
     let code: String = c
         .query_one("SELECT code FROM outbox.live_messages WHERE id = $1", &[&r])
         .await
@@ -850,29 +843,12 @@ async fn public_actions_never_touch_inbox_messages() {
 async fn new_messages_get_time_ordered_ids_and_codes() {
     let db = TestDb::new().await;
     let c = db.client().await;
-    let ms = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
-    let before: i64 = c
-        .query_one(&format!("SELECT {ms}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let before = server_ms(&c).await;
     let mut made = Vec::new();
     for _ in 0..3 {
-        let id: Uuid = c
-            .query_one(
-                "SELECT id FROM api.send_message(NULL, 'file.agent', 'default', 'a', 's', 'c')",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        made.push(id);
+        made.push(send(&c, "file.agent", "default", "a", "c").await);
     }
-    let after: i64 = c
-        .query_one(&format!("SELECT {ms}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let after = server_ms(&c).await;
     let ms_of = |hex: &str| i64::from_str_radix(&hex[..12], 16).unwrap();
     let mut last = before;
     for id in &made {
@@ -912,10 +888,17 @@ async fn new_messages_get_time_ordered_ids_and_codes() {
     assert_eq!(code.len(), 64, "{code}");
     assert_eq!(&code[12..13], "7", "{code}");
     let code_ms = ms_of(&code);
-    let now: i64 = c
-        .query_one(&format!("SELECT {ms}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let now = server_ms(&c).await;
     assert!(after <= code_ms && code_ms <= now, "{code}");
+}
+
+/// The server's clock in Unix milliseconds, as outbox.uuid_v7() reads it.
+async fn server_ms(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
